@@ -1,0 +1,67 @@
+"""Optimizer construction: warmup + cosine AdamW with clipping, decay masks, accumulation."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import ml_collections
+import optax
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup from `warmup_init * lr` to lr, then cosine to `min_lr_ratio * lr`.
+
+  boldGPT: warmup from 5% of lr over 2000 steps, cosine decay to 5% of lr.
+  """
+  lr = cfg.lr
+  warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+    init_value=lr * cfg.warmup_init,
+    peak_value=lr,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=lr * cfg.min_lr_ratio,
+  )
+
+
+def decay_mask(params, no_decay_names: tuple[str, ...]):
+  """True where weight decay applies: arrays of rank >= 2 whose path names no exempt part.
+
+  Exempt names are matched against each path component (e.g. 'pos_embed' exempts
+  params['pos_embed'] and params['blocks_0']['pos_embed']).
+  """
+  patterns = [re.compile(f"^{name}$") for name in no_decay_names]
+
+  def applies(path, leaf) -> bool:
+    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if any(p.match(k) for p in patterns for k in keys):
+      return False
+    return getattr(leaf, "ndim", 0) >= 2
+
+  return jax.tree_util.tree_map_with_path(applies, params)
+
+
+def make_optimizer(
+  cfg: ml_collections.ConfigDict, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with global-norm clipping and optional gradient accumulation (optax.MultiSteps)."""
+  schedule = make_schedule(cfg, total_steps)
+  no_decay = tuple(cfg.no_decay)
+  chain = []
+  if cfg.clip_norm and cfg.clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+  chain.append(
+    optax.adamw(
+      learning_rate=schedule,
+      b1=cfg.b1,
+      b2=cfg.b2,
+      eps=cfg.eps,
+      weight_decay=cfg.weight_decay,
+      mask=lambda p: decay_mask(p, no_decay),
+    )
+  )
+  tx = optax.chain(*chain)
+  if cfg.accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg.accum_steps)
+  return tx, schedule

@@ -1,0 +1,79 @@
+"""The train state every task shares, and its sharded construction.
+
+Train, sampling and evaluation all build the state the same way (eval_shape ->
+logical partition specs -> mesh shardings -> jit(init, out_shardings)), so a checkpoint
+restores identically in each of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from boldjax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  extra: Any  # task-owned state outside the optimizer (EMA teacher, ...); {} if none
+
+
+@dataclasses.dataclass
+class StateSpec:
+  init: Callable[[jax.Array], TrainState]  # jitted, returns the sharded state
+  shardings: TrainState
+  abstract: TrainState  # ShapeDtypeStructs with shardings: the restore target
+
+
+def make_state_spec(task, tx: optax.GradientTransformation, example, rng, mesh: Mesh, rules):
+  """Shardings from the task's logical axis names; call inside the mesh/rules context."""
+  boxed = jax.eval_shape(lambda r: task.init(r, example), rng)
+  params_sh = sharding.tree_shardings(boxed[0], mesh, rules)
+  extra_sh = sharding.tree_shardings(boxed[1], mesh, rules)
+  opt_sh = optax.tree_map_params(
+    tx,
+    lambda _, s: s,
+    jax.eval_shape(tx.init, nn.unbox(boxed[0])),
+    params_sh,
+    transform_non_params=lambda _: sharding.replicated(mesh),
+  )
+  shardings = TrainState(
+    step=sharding.replicated(mesh), params=params_sh, opt_state=opt_sh, extra=extra_sh
+  )
+
+  def init(r) -> TrainState:
+    params, extra = nn.unbox(task.init(r, example))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra
+    )
+
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    jax.eval_shape(init, rng),
+    shardings,
+  )
+  return StateSpec(
+    init=jax.jit(init, out_shardings=shardings), shardings=shardings, abstract=abstract
+  )
+
+
+def global_example(local_batch, process_count: int | None = None):
+  """ShapeDtypeStructs of the global batch from one host-local numpy batch."""
+  n = jax.process_count() if process_count is None else process_count
+
+  def f(x):
+    x = jnp.asarray(x) if not hasattr(x, "shape") else x
+    return jax.ShapeDtypeStruct((x.shape[0] * n, *x.shape[1:]), x.dtype)
+
+  return jax.tree.map(f, local_batch)

@@ -1,0 +1,33 @@
+"""boldjax: a JAX/Flax training stack for fMRI foundation models."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+REQUIREMENTS = [
+  line.strip()
+  for line in (HERE / "requirements.txt").read_text().splitlines()
+  if line.strip() and not line.startswith("#")
+]
+
+setup(
+  name="boldjax",
+  version="0.1.0",
+  description="JAX/Flax training stack for fMRI foundation models",
+  long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+  long_description_content_type="text/markdown",
+  packages=find_packages(include=["boldjax", "boldjax.*", "configs", "launch"]),
+  python_requires=">=3.11",
+  install_requires=REQUIREMENTS,
+  extras_require={
+    "test": [
+      "pytest==9.0.3",
+      "ruff==0.17.6",
+      "nbformat==5.11.1",
+      "nbclient==0.11.0",
+      "ipykernel==7.4.0",
+    ],
+    "bench": ["torch==2.13.0"],
+  },
+)

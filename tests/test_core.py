@@ -1,0 +1,122 @@
+"""Config parsing, registry, optimizer schedule/decay mask, mesh and metric writer."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from boldjax import config_utils, metrics, optim, registry, sharding
+
+
+def test_parse_arg_types_and_flags():
+  out = config_utils.parse_arg(
+    "size=small,runlocal,lr=0.5,steps=7", size="tiny", runlocal=False, lr=1.0, steps=1
+  )
+  assert (out.size, out.runlocal, out.lr, out.steps) == ("small", True, 0.5, 7)
+
+
+def test_parse_arg_typo_lists_known_keys():
+  with pytest.raises(
+    ValueError, match=r"'sise' is unknown; known arguments: \['runlocal', 'size'\]"
+  ):
+    config_utils.parse_arg("sise=small", size="tiny", runlocal=False)
+
+
+def test_registry_unknown_name_suggests():
+  registry.register("widget_test", "alpha")(object)
+  with pytest.raises(KeyError, match="Did you mean 'alpha'"):
+    registry.get("widget_test", "alpah")
+
+
+def _optim_cfg(**kw):
+  base = dict(
+    lr=3e-4,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    weight_decay=0.05,
+    clip_norm=1.0,
+    warmup_steps=10,
+    warmup_init=0.05,
+    min_lr_ratio=0.05,
+    accum_steps=1,
+    no_decay=("pos_embed",),
+  )
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def test_schedule_warmup_and_cosine_endpoints():
+  sched = optim.make_schedule(_optim_cfg(), total_steps=100)
+  np.testing.assert_allclose(float(sched(0)), 3e-4 * 0.05, rtol=1e-5)
+  np.testing.assert_allclose(float(sched(10)), 3e-4, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(100)), 3e-4 * 0.05, rtol=1e-5)
+  # cosine midpoint between warmup end and the end: (peak + end) / 2
+  np.testing.assert_allclose(float(sched(55)), 3e-4 * (1 + 0.05) / 2, rtol=1e-5)
+
+
+def test_decay_mask_skips_vectors_and_named_embeddings():
+  params = {
+    "pos_embed": jnp.ones((4, 3)),
+    "dense": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)},
+  }
+  mask = optim.decay_mask(params, ("pos_embed",))
+  assert mask == {"pos_embed": False, "dense": {"kernel": True, "bias": False}}
+
+
+def test_adamw_step_matches_closed_form():
+  """One AdamW step: decayed params move by lr*(sign(g) + wd*p); exempt ones by lr*sign(g)."""
+  cfg = _optim_cfg(clip_norm=0.0, warmup_steps=0, warmup_init=1.0, min_lr_ratio=1.0)
+  tx, _ = optim.make_optimizer(cfg, total_steps=10)
+  params = {"pos_embed": jnp.full((2, 2), 2.0), "w": jnp.full((2, 2), 2.0)}
+  grads = {"pos_embed": jnp.full((2, 2), 0.5), "w": jnp.full((2, 2), -0.5)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  lr, eps_ratio = 3e-4, 0.5 / (0.5 + 1e-8)
+  np.testing.assert_allclose(new["pos_embed"], 2.0 - lr * eps_ratio, rtol=1e-6)
+  np.testing.assert_allclose(new["w"], 2.0 + lr * eps_ratio - lr * 0.05 * 2.0, rtol=1e-6)
+
+
+def test_mesh_fill_axis_and_errors():
+  mesh = sharding.make_mesh((("data", -1), ("fsdp", 2), ("tensor", 1)))
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  with pytest.raises(ValueError, match="needs 6 devices; found 8"):
+    sharding.make_mesh((("data", 3), ("fsdp", 2), ("tensor", 1)))
+  with pytest.raises(ValueError, match="must name the axes"):
+    sharding.make_mesh((("data", -1), ("model", 1), ("tensor", 1)))
+
+
+def test_to_global_splits_batch_over_devices():
+  mesh = sharding.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)))
+  x = np.arange(16, dtype=np.float32).reshape(8, 2)
+  g = sharding.to_global({"x": x}, sharding.batch_sharding(mesh))["x"]
+  assert len(g.addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(g), x)
+  assert sharding.bytes_per_device({"x": g}) == {i: 8 for i in range(8)}
+
+
+def test_metric_accumulator_and_writer(tmp_path):
+  acc = metrics.MetricAccumulator()
+  for v in (1.0, 2.0, 6.0):
+    acc.add({"loss": jnp.asarray(v)})
+  assert acc.compute() == {"loss": pytest.approx(3.0)}
+  assert acc.compute() == {}
+  w = metrics.MetricWriter(str(tmp_path))
+  w.write_scalars(5, {"train/loss": 3.0})
+  w.close()
+  rows = metrics.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert rows[0]["step"] == 5 and rows[0]["train/loss"] == 3.0
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+  json.dumps(rows)
+
+
+def test_progress_line_reports_rate_and_eta():
+  p = metrics.Progress(total_steps=100, first_step=0)
+  line, rate = p.line(10, {"loss": 1.5})
+  assert line.startswith("step     10/100 | loss 1.5 |") and "ETA" in line and rate > 0
+  assert jax.device_count() == 8
