@@ -1,0 +1,1 @@
+"""Importers of published PyTorch checkpoints (state_dicts as numpy arrays)."""
