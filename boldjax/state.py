@@ -38,13 +38,13 @@ class StateSpec:
 
 def make_state_spec(task, tx: optax.GradientTransformation, example, rng, mesh: Mesh, rules):
   """Shardings from the task's logical axis names; call inside the mesh/rules context."""
-  boxed = jax.eval_shape(lambda r: task.init(r, example), rng)
+  boxed = jax.eval_shape(task.init, rng, example)
   params_sh = sharding.tree_shardings(boxed[0], mesh, rules)
   extra_sh = sharding.tree_shardings(boxed[1], mesh, rules)
   opt_sh = optax.tree_map_params(
     tx,
     lambda _, s: s,
-    jax.eval_shape(tx.init, nn.unbox(boxed[0])),
+    jax.eval_shape(tx.init, strip_boxes(boxed[0])),
     params_sh,
     transform_non_params=lambda _: sharding.replicated(mesh),
   )
@@ -53,7 +53,8 @@ def make_state_spec(task, tx: optax.GradientTransformation, example, rng, mesh: 
   )
 
   def init(r) -> TrainState:
-    params, extra = nn.unbox(task.init(r, example))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example)
+    params, extra = nn.unbox(task.init(r, zeros))
     return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra
     )
@@ -65,6 +66,14 @@ def make_state_spec(task, tx: optax.GradientTransformation, example, rng, mesh: 
   )
   return StateSpec(
     init=jax.jit(init, out_shardings=shardings), shardings=shardings, abstract=abstract
+  )
+
+
+def strip_boxes(tree):
+  """Values of flax axis-metadata boxes, without applying their sharding constraints."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(
+    lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box
   )
 
 

@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.synthetic = ml_collections.ConfigDict(
     {
       "space": "fsLR32k",
-      "height": 96,
+      "height": 64,
       "num_subjects": 8,
       "trials_per_subject": 500,
       "num_classes": 8,

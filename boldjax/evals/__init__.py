@@ -1,0 +1,1 @@
+from boldjax.evals import loss  # noqa: F401  (registers the "loss" evaluator)

@@ -1,0 +1,188 @@
+"""The one train loop. It knows no model family: tasks, data and evaluators come from
+the config through registries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from boldjax import checkpoint, optim, registry, sharding
+from boldjax import metrics as metrics_lib
+from boldjax import state as state_lib
+from boldjax.data import pipeline as data_pipeline
+from boldjax.state import TrainState
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
+  is_main = jax.process_index() == 0
+  say = print if is_main else (lambda *a, **k: None)
+  checkpoint.save_config(workdir, config)
+
+  # ---------------------------------------------------------------------------------------
+  # Mesh and data.
+  # ---------------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.sharding.rules)
+  batch_sh = sharding.batch_sharding(mesh)
+  data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  global_bs = config.data.batch_size
+  if global_bs % data_ways or global_bs % jax.process_count():
+    raise ValueError(
+      f"config.data.batch_size={global_bs} must be a multiple of the data-parallel devices "
+      f"({data_ways}) and of the process count ({jax.process_count()})"
+    )
+  say(
+    f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "
+    f"{jax.process_count()} process(es)"
+  )
+
+  info = data_pipeline.prepare(config.data)
+
+  def train_dataset():
+    return data_pipeline.make_dataset(
+      config.data,
+      info,
+      split="train",
+      train=True,
+      seed=config.seed,
+      batch_size=global_bs // jax.process_count(),
+      shard_index=jax.process_index(),
+      shard_count=jax.process_count(),
+    )
+
+  train_iter = iter(train_dataset())
+  example = state_lib.global_example(next(iter(train_dataset())))
+
+  # ---------------------------------------------------------------------------------------
+  # Task, optimizer and sharded state.
+  # ---------------------------------------------------------------------------------------
+  task = registry.get("task", config.task.name)(config, info)
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  root_rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(root_rng)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    spec = state_lib.make_state_spec(task, tx, example, init_rng, mesh, rules)
+    state_sh, abstract_state = spec.shardings, spec.abstract
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+    say(f"task {config.task.name}: {num_params:,} parameters")
+
+    def train_step(state: TrainState, batch):
+      rng = jax.random.fold_in(step_rng, state.step)
+
+      def loss_fn(params):
+        return task.loss(params, state.extra, batch, rng, train=True)
+
+      (loss, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      step = state.step + 1
+      extra = task.update_extra(params, state.extra, step)
+      out = {
+        **step_metrics,
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state.step),
+      }
+      return TrainState(step=step, params=params, opt_state=opt_state, extra=extra), out
+
+    train_step = jax.jit(
+      train_step,
+      in_shardings=(state_sh, batch_sh),
+      out_shardings=(state_sh, None),
+      donate_argnums=0,
+    )
+
+    # -------------------------------------------------------------------------------------
+    # Restore or initialise.
+    # -------------------------------------------------------------------------------------
+    manager = checkpoint.make_manager(
+      workdir, every_steps=config.checkpoint_every, keep=config.keep_checkpoints
+    )
+    state, start = checkpoint.restore(manager, abstract_state, train_iter)
+    if state is None:
+      state = spec.init(init_rng)
+      start = 0
+      say("initialised from scratch")
+    else:
+      say(f"resumed from {workdir} at step {start}")
+
+    evaluators = [
+      registry.get("evaluator", ev.type)(
+        name, ev, task=task, info=info, config=config, mesh=mesh, rules=rules
+      )
+      for name, ev in config.evals.items()
+    ]
+    writer = metrics_lib.MetricWriter(workdir)
+    if start == 0:
+      writer.write_hparams(config.to_dict())
+
+    # -------------------------------------------------------------------------------------
+    # Train.
+    # -------------------------------------------------------------------------------------
+    total = config.total_steps
+    progress = metrics_lib.Progress(total, first_step=start)
+    accumulator = metrics_lib.MetricAccumulator()
+    final: dict[str, float] = {}
+    t_start = time.perf_counter()
+    for step in range(start + 1, total + 1):
+      batch = sharding.to_global(next(train_iter), batch_sh)
+      state, step_metrics = train_step(state, batch)
+      accumulator.add(step_metrics)
+
+      if step % config.log_every == 0 or step == total:
+        averaged = accumulator.compute()
+        scalars = {f"train/{k}": v for k, v in averaged.items()}
+        _check_finite(step, scalars)
+        shown = {k: v for k, v in averaged.items() if k in ("loss", "accuracy")}
+        line, rate = progress.line(step, shown)
+        scalars["train/steps_per_sec"] = rate
+        writer.write_scalars(step, scalars)
+        say(line, flush=True)
+
+      for ev in evaluators:
+        if step % ev.every_steps == 0 or step == total:
+          results = dict(ev.run(state, step))
+          writer.write_scalars(step, results)
+          final.update(results)
+          say("  eval " + " | ".join(f"{k} {v:.4g}" for k, v in results.items()), flush=True)
+
+      checkpoint.save(manager, step, state, train_iter, force=step == total)
+
+    manager.wait_until_finished()
+    writer.flush()
+
+  # ---------------------------------------------------------------------------------------
+  # Summary.
+  # ---------------------------------------------------------------------------------------
+  reference = task.reference_metrics()
+  if start < total:
+    say(f"done: {total - start} steps in {time.perf_counter() - t_start:.0f}s")
+  if final or reference:
+    say("final evaluation:")
+    for k, v in final.items():
+      say(f"  {k:<28s} {v:.4f}")
+    for k, v in reference.items():
+      say(f"  baseline {k:<19s} {v:.4f}")
+    writer.write_scalars(total, {f"baseline/{k}": v for k, v in reference.items()})
+  writer.close()
+  return {**final, **{f"baseline/{k}": v for k, v in reference.items()}}
+
+
+def _check_finite(step: int, scalars: dict[str, float]) -> None:
+  bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
+  if bad:
+    logging.error("non-finite metrics at step %d: %s", step, bad)
+    raise FloatingPointError(
+      f"non-finite training metrics at step {step}: {bad}; all metrics: {scalars}. "
+      "The last checkpoint before this step is intact."
+    )

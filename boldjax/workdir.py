@@ -1,0 +1,52 @@
+"""Rebuild a trained run from its workdir alone (config.json + checkpoints)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from boldjax import checkpoint, optim, registry, sharding
+from boldjax import state as state_lib
+from boldjax.data import pipeline as data_pipeline
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  config: ml_collections.ConfigDict
+  info: Any
+  task: Any
+  state: state_lib.TrainState
+  step: int
+  mesh: Mesh
+  rules: tuple
+
+
+def load_run(workdir: str, step: int | None = None) -> LoadedRun:
+  """Config, data info, task and the restored train state (latest step by default)."""
+  config = checkpoint.load_config(workdir)
+  mesh = sharding.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)))
+  rules = sharding.logical_rules(config.sharding.rules)
+  info = data_pipeline.prepare(config.data)
+  task = registry.get("task", config.task.name)(config, info)
+  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
+  local = next(
+    iter(
+      data_pipeline.make_dataset(
+        config.data, info, split="train", train=True, seed=config.seed,
+        batch_size=jax.device_count() // jax.process_count(),
+      )
+    )
+  )  # fmt: skip
+  example = state_lib.global_example(local)
+  manager = checkpoint.make_manager(workdir, every_steps=1, keep=config.keep_checkpoints)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    spec = state_lib.make_state_spec(task, tx, example, jax.random.key(0), mesh, rules)
+    restored, restored_step = checkpoint.restore(manager, spec.abstract, None, step)
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint found under {workdir}/checkpoints")
+  return LoadedRun(config, info, task, restored, restored_step, mesh, rules)
