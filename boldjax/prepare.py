@@ -1,0 +1,40 @@
+"""`python -m boldjax.prepare FORMAT ...`: turn raw data into a boldjax dataset directory.
+
+Each format is an importer registered as registry.register("importer", name): a class with
+`help`, `add_arguments(parser)` and `run(args) -> output path`. New formats (webdataset,
+HDF5, NIfTI/CIFTI + atlas) only register another importer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from boldjax import registry
+
+
+def build_parser() -> argparse.ArgumentParser:
+  import boldjax.data  # noqa: F401  (registers the built-in importers)
+
+  parser = argparse.ArgumentParser(
+    prog="python -m boldjax.prepare", description="Import raw data into a boldjax dataset."
+  )
+  sub = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
+  for name in registry.names("importer"):
+    importer = registry.get("importer", name)
+    importer.add_arguments(sub.add_parser(name, help=importer.help))
+  return parser
+
+
+def main(argv: list[str] | None = None) -> str:
+  """Parse argv, run the chosen importer, return the output directory."""
+  args = build_parser().parse_args(argv)
+  start = time.monotonic()
+  out = registry.get("importer", args.format).run(args)
+  print(f"[prepare] {args.format}: wrote {out} in {time.monotonic() - start:.1f}s", flush=True)
+  return out
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
