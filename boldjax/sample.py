@@ -15,7 +15,7 @@ import numpy as np
 from absl import app, flags
 
 from boldjax import generate, workdir
-from boldjax.data import pipeline as data_pipeline
+from boldjax.data import pipeline_for
 from boldjax.geometry.plotting import plot_flat_maps
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained run directory.", required=True)
@@ -39,7 +39,7 @@ def to_maps(values: np.ndarray, order: np.ndarray, layout, tokenizer) -> np.ndar
 
 def held_out_examples(run, num: int) -> dict[str, np.ndarray]:
   """The first `num` validation examples in the layout order (no shuffling)."""
-  ds = data_pipeline.make_dataset(
+  ds = pipeline_for(run.config.data).make_dataset(
     run.config.data, run.info, split="val", train=False, seed=0, batch_size=num
   )
   return next(iter(ds))

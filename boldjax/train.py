@@ -17,7 +17,7 @@ import optax
 from boldjax import checkpoint, optim, registry, sharding
 from boldjax import metrics as metrics_lib
 from boldjax import state as state_lib
-from boldjax.data import pipeline as data_pipeline
+from boldjax.data import pipeline_for
 from boldjax.state import TrainState
 
 
@@ -45,10 +45,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     f"{jax.process_count()} process(es)"
   )
 
-  info = data_pipeline.prepare(config.data)
+  data = pipeline_for(config.data)
+  info = data.prepare(config.data)
 
   def train_dataset():
-    return data_pipeline.make_dataset(
+    return data.make_dataset(
       config.data,
       info,
       split="train",

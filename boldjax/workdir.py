@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from boldjax import checkpoint, optim, registry, sharding
 from boldjax import state as state_lib
-from boldjax.data import pipeline as data_pipeline
+from boldjax.data import pipeline_for
 
 
 @dataclasses.dataclass
@@ -31,12 +31,13 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
   config = checkpoint.load_config(workdir)
   mesh = sharding.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)))
   rules = sharding.logical_rules(config.sharding.rules)
-  info = data_pipeline.prepare(config.data)
+  data = pipeline_for(config.data)
+  info = data.prepare(config.data)
   task = registry.get("task", config.task.name)(config, info)
   tx, _ = optim.make_optimizer(config.optim, config.total_steps)
   local = next(
     iter(
-      data_pipeline.make_dataset(
+      data.make_dataset(
         config.data, info, split="train", train=True, seed=config.seed,
         batch_size=jax.device_count() // jax.process_count(),
       )

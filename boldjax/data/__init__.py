@@ -1,4 +1,19 @@
-"""Data layer: flat-map datasets on disk, importers, transforms and the grain pipeline."""
+"""Data layer: datasets on disk, importers, transforms and the grain pipelines.
 
-# Modules that register importers (registry kind "importer"); both keep heavy imports lazy.
-from boldjax.data import flat_builder, nsd_flat  # noqa: F401
+Each pipeline registers as ("pipeline", source name) and offers
+prepare(data_cfg) -> info and make_dataset(data_cfg, info, *, split, train, seed,
+batch_size, shard_index, shard_count) -> grain.IterDataset; the train loop picks one
+by config.data.source and knows nothing else about the data.
+"""
+
+from typing import Any
+
+# Modules that register importers and pipelines; heavy imports inside them stay lazy.
+from boldjax.data import flat_builder, nsd_flat, pipeline  # noqa: F401
+
+
+def pipeline_for(data_cfg: Any):
+  """The registered pipeline for config.data.source."""
+  from boldjax import registry
+
+  return registry.get("pipeline", data_cfg.source)

@@ -19,6 +19,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from boldjax import registry
 from boldjax.data import flat_builder, records, transforms
 from boldjax.data.patching import ORDERINGS, PatchLayout
 from boldjax.data.tokenizer import KMeansTokenizer
@@ -306,3 +307,12 @@ def make_dataset(
   if workers > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return it_ds
+
+
+@registry.register("pipeline", "synthetic_flat")
+@registry.register("pipeline", "array_record")
+class FlatMapPipeline:
+  """Flat-map datasets (the synthetic default or a prepared directory) for the train loop."""
+
+  prepare = staticmethod(prepare)
+  make_dataset = staticmethod(make_dataset)

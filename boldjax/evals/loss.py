@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from boldjax import registry, sharding
-from boldjax.data import pipeline as data_pipeline
+from boldjax.data import pipeline_for
 
 
 @registry.register("evaluator", "loss")
@@ -37,7 +37,7 @@ class LossEvaluator:
   def run(self, state, step: int) -> Iterator[tuple[str, float]]:
     cfg = self._config
     batch_size = cfg.data.eval_batch_size // jax.process_count()
-    ds = data_pipeline.make_dataset(
+    ds = pipeline_for(cfg.data).make_dataset(
       cfg.data,
       self._info,
       split=self.split,
