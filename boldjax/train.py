@@ -67,7 +67,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # Task, optimizer and sharded state.
   # ---------------------------------------------------------------------------------------
   task = registry.get("task", config.task.name)(config, info)
-  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps, task.trainable)
   root_rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(root_rng)
 
@@ -112,6 +112,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     state, start = checkpoint.restore(manager, abstract_state, train_iter)
     if state is None:
       state = spec.init(init_rng)
+      pretrained = task.load_pretrained(state.params)
+      if pretrained is not state.params:
+        state = state.replace(params=jax.device_put(pretrained, state_sh.params))
       start = 0
       say("initialised from scratch")
     else:

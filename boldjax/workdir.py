@@ -34,7 +34,7 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
   data = pipeline_for(config.data)
   info = data.prepare(config.data)
   task = registry.get("task", config.task.name)(config, info)
-  tx, _ = optim.make_optimizer(config.optim, config.total_steps)
+  tx, _ = optim.make_optimizer(config.optim, config.total_steps, task.trainable)
   local = next(
     iter(
       data.make_dataset(

@@ -53,6 +53,18 @@ class Task(abc.ABC):
     """Baselines printed next to eval metrics (e.g. a unigram loss); default none."""
     return {}
 
+  def trainable(self, params: PyTree) -> PyTree | None:
+    """Bool tree: which params the optimizer updates (frozen fine-tuning); None = all."""
+    del params
+    return None
+
+  def load_pretrained(self, params: PyTree) -> PyTree:
+    """Fresh params -> params with pretrained parts grafted in (host-side, numpy ok).
+
+    Called once by the train loop after initialisation of a new run (never on resume).
+    """
+    return params
+
 
 def row_weights(batch: dict[str, Any], batch_size: int) -> jax.Array:
   """(B,) float32 weights: batch['valid'] when present (padded eval rows get 0), else ones."""
