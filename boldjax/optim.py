@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -44,12 +43,12 @@ def decay_mask(params, no_decay_names: tuple[str, ...]):
 
 
 def make_optimizer(
-  cfg: ml_collections.ConfigDict, total_steps: int, trainable: Callable | None = None
+  cfg: ml_collections.ConfigDict, total_steps: int, trainable=None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with global-norm clipping and optional gradient accumulation (optax.MultiSteps).
 
-  `trainable(params) -> bool tree | None` freezes the False leaves (zero updates, no
-  optimizer moments).
+  `trainable` (a bool tree shaped like the params, or None for all) freezes the False
+  leaves: zero updates and no optimizer moments.
   """
   schedule = make_schedule(cfg, total_steps)
   no_decay = tuple(cfg.no_decay)
@@ -68,14 +67,8 @@ def make_optimizer(
   )
   tx = optax.chain(*chain)
   if trainable is not None:
-    labels = lambda p: _freeze_labels(trainable(p), p)
+    labels = jax.tree.map(lambda m: "train" if m else "frozen", trainable)
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   if cfg.accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.accum_steps)
   return tx, schedule
-
-
-def _freeze_labels(mask, params):
-  if mask is None:
-    return jax.tree.map(lambda _: "train", params)
-  return jax.tree.map(lambda m: "train" if m else "frozen", mask)

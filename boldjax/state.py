@@ -77,6 +77,12 @@ def strip_boxes(tree):
   )
 
 
+def trainable_mask(task, example):
+  """The task's frozen-parameter mask (None = train everything), from abstract params."""
+  abstract = jax.eval_shape(task.init, jax.random.key(0), example)
+  return task.trainable(strip_boxes(abstract[0]))
+
+
 def global_example(local_batch, process_count: int | None = None):
   """ShapeDtypeStructs of the global batch from one host-local numpy batch."""
   n = jax.process_count() if process_count is None else process_count

@@ -67,7 +67,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # Task, optimizer and sharded state.
   # ---------------------------------------------------------------------------------------
   task = registry.get("task", config.task.name)(config, info)
-  tx, schedule = optim.make_optimizer(config.optim, config.total_steps, task.trainable)
+  tx, schedule = optim.make_optimizer(
+    config.optim, config.total_steps, state_lib.trainable_mask(task, example)
+  )
   root_rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(root_rng)
 

@@ -34,7 +34,6 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
   data = pipeline_for(config.data)
   info = data.prepare(config.data)
   task = registry.get("task", config.task.name)(config, info)
-  tx, _ = optim.make_optimizer(config.optim, config.total_steps, task.trainable)
   local = next(
     iter(
       data.make_dataset(
@@ -44,6 +43,9 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
     )
   )  # fmt: skip
   example = state_lib.global_example(local)
+  tx, _ = optim.make_optimizer(
+    config.optim, config.total_steps, state_lib.trainable_mask(task, example)
+  )
   manager = checkpoint.make_manager(workdir, every_steps=1, keep=config.keep_checkpoints)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     spec = state_lib.make_state_spec(task, tx, example, jax.random.key(0), mesh, rules)
