@@ -1,0 +1,31 @@
+"""The notebooks in colabs/ run top to bottom on a freshly trained tiny run."""
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from boldjax import train
+from configs import gpt_small
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_flat_maps_colab_executes(tmp_path, monkeypatch):
+  config = gpt_small.get_config("runlocal")
+  train.run(config, str(tmp_path / "run"))
+  monkeypatch.setenv("BOLDJAX_WORKDIR", str(tmp_path / "run"))
+  monkeypatch.setenv("BOLDJAX_COLAB_OUT", str(tmp_path))
+  monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  nb = nbformat.read(REPO / "colabs" / "flat_maps.ipynb", as_version=4)
+  NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+  ).execute()
+  outputs = "".join(
+    o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+  )
+  assert "stimulus-class probe: balanced accuracy" in outputs
+  assert (tmp_path / "colab_maps.png").stat().st_size > 10_000
