@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
+import warnings
 
 import grain
 import jax
@@ -52,16 +55,55 @@ def abstract_like(state):
 
 
 def restore(manager, abstract_state, data_iter=None, step: int | None = None):
-  """Restores (state, step) from `step` (default: latest); the iterator is restored in place."""
-  step = manager.latest_step() if step is None else step
-  if step is None:
+  """Restores (state, step); the iterator is restored in place.
+
+  With step=None the latest checkpoint is tried first; one that cannot be read (partial
+  or corrupt files) is skipped with a warning in favour of the one before it.
+  """
+  candidates = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+  if not candidates:
     return None, None
-  args = {"state": ocp.args.StandardRestore(abstract_state)}
-  if data_iter is not None:
-    args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-  restored = manager.restore(step, args=ocp.args.Composite(**args))
-  logging.info("restored checkpoint at step %d", step)
-  return restored["state"], step
+  errors = []
+  for candidate in candidates:
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      restored = manager.restore(candidate, args=ocp.args.Composite(**args))
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
+      if step is not None:
+        raise
+      message = f"checkpoint at step {candidate} in {manager.directory} is unreadable ({e!r:.300})"
+      warnings.warn(message + "; falling back to the previous one", stacklevel=2)
+      logging.warning(message)
+      errors.append(message)
+      continue
+    logging.info("restored checkpoint at step %d", candidate)
+    return restored["state"], candidate
+  raise RuntimeError("no readable checkpoint: " + "; ".join(errors))
+
+
+class StopSignal:
+  """Remembers a SIGTERM (cluster preemption) so the loop can checkpoint and stop."""
+
+  def __init__(self, signals=(signal.SIGTERM,)):
+    self.received = False
+    self.signal_name = ""
+    self._previous = {}
+    if threading.current_thread() is not threading.main_thread():
+      return  # signal handlers can only be installed from the main thread
+    for sig in signals:
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.received = True
+    self.signal_name = signal.Signals(signum).name
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -140,6 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     accumulator = metrics_lib.MetricAccumulator()
     final: dict[str, float] = {}
     t_start = time.perf_counter()
+    stop = checkpoint.StopSignal()  # SIGTERM (preemption): checkpoint now, exit cleanly
     for step in range(start + 1, total + 1):
       batch = sharding.to_global(next(train_iter), batch_sh)
       state, step_metrics = train_step(state, batch)
@@ -162,10 +163,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           final.update(results)
           say("  eval " + " | ".join(f"{k} {v:.4g}" for k, v in results.items()), flush=True)
 
-      checkpoint.save(manager, step, state, train_iter, force=step == total)
+      preempted = stop.received
+      if preempted or step == total or step % config.checkpoint_every == 0:
+        # Never write a checkpoint of a diverged state: the last good one must survive.
+        _check_finite(step, {k: float(step_metrics[k]) for k in ("loss", "grad_norm")})
+        checkpoint.save(manager, step, state, train_iter, force=True)
+      if preempted:
+        say(
+          f"received {stop.signal_name} at step {step}: checkpoint saved, stopping; "
+          "run the same command again to resume",
+          flush=True,
+        )
+        break
 
+    stop.restore()
     manager.wait_until_finished()
     writer.flush()
+    if preempted:
+      writer.close()
+      return final
 
   # ---------------------------------------------------------------------------------------
   # Summary.
