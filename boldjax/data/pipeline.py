@@ -280,7 +280,6 @@ def make_dataset(
     raise ValueError(f"{info.path}: split {split!r} is empty")
   if train:
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    ds = ds[shard_index::shard_count]
     keys = TRAIN_KEYS
   else:
     per_shard = math.ceil(n / shard_count)
@@ -295,6 +294,10 @@ def make_dataset(
   order_seed = (seed + 1) % 2**32
   ds = ds.random_map(transforms.PatchOrder(info.layout.num_patches, ordering), seed=order_seed)
   ds = ds.map(transforms.SelectKeys(keys))
+  if train:
+    # Slice after the random transforms: an example's random order depends on its place
+    # in the global stream, so N processes together see exactly the 1-process batches.
+    ds = ds[shard_index::shard_count]
   ds = ds.batch(batch_size, drop_remainder=train)
   if info.tokenizer is not None:
     ds = ds.map(transforms.Tokenize(info.tokenizer))  # one BLAS call per batch
