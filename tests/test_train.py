@@ -43,11 +43,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   real_save = checkpoint.save
 
   def crashing_save(manager, step, state, data_iter, *, force=False):
-    saved = real_save(manager, step, state, data_iter, force=force)
-    if step == 3:  # a crash between checkpoints: step 3's work is lost, step 2 survives
+    if step == 4:  # dies after step 4's update, before its checkpoint: step 2 survives
       manager.wait_until_finished()
       raise _Crash
-    return saved
+    return real_save(manager, step, state, data_iter, force=force)
 
   monkeypatch.setattr(train.checkpoint, "save", crashing_save)
   with pytest.raises(_Crash):

@@ -9,7 +9,13 @@ by config.data.source and knows nothing else about the data.
 from typing import Any
 
 # Modules that register importers and pipelines; heavy imports inside them stay lazy.
-from boldjax.data import flat_builder, nsd_flat, pipeline  # noqa: F401
+from boldjax.data import (  # noqa: F401
+  bold_importers,
+  bold_pipeline,
+  flat_builder,
+  nsd_flat,
+  pipeline,
+)
 
 
 def pipeline_for(data_cfg: Any):
