@@ -1,3 +1,10 @@
 """Objectives (Task subclasses); importing this package registers them."""
 
-from boldjax.tasks import next_patch  # noqa: F401  (registers "next_patch")
+from boldjax.tasks import (
+  autoencoder,  # noqa: F401  (registers "autoencoder")
+  csm,  # noqa: F401  (registers "csm")
+  decode,  # noqa: F401  (registers "decode")
+  net_bert,  # noqa: F401  (registers "net_bert")
+  next_patch,  # noqa: F401  (registers "next_patch")
+  seq_bert,  # noqa: F401  (registers "seq_bert")
+)
