@@ -76,9 +76,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def tree_shardings(boxed_abstract, mesh: Mesh, rules) -> object:
-  """NamedShardings for a pytree whose leaves may carry flax logical-axis boxes."""
+  """NamedShardings for a pytree whose leaves may carry flax logical-axis boxes.
+
+  A mesh axis is used once per array: when two logical axes of one array map to the same
+  mesh axis (e.g. an ('embed', 'embed') projection under FSDP), the later one stays whole.
+  """
   specs = nn.get_partition_spec(boxed_abstract)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  table = dict(rules)
+
+  def to_mesh(spec: PartitionSpec) -> NamedSharding:
+    used: set[str] = set()
+    out = []
+    for name in spec:
+      target = table.get(name) if isinstance(name, str) else name
+      axes = (target,) if isinstance(target, str) else tuple(target or ())
+      axes = tuple(a for a in axes if a not in used and a in mesh.axis_names)
+      used.update(axes)
+      out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return NamedSharding(mesh, PartitionSpec(*out))
+
+  return jax.tree.map(to_mesh, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def to_global(batch: dict, sharding: NamedSharding) -> dict:

@@ -31,8 +31,18 @@ ACTIVATION_AXES = ("batch", "length", "embed")
 
 
 def partitioned(init: Initializer, axes: Sequence[str | None]) -> Initializer:
-  """Shorthand for an initializer whose parameter carries logical axis names."""
-  return nn.with_logical_partitioning(init, tuple(axes))
+  """Shorthand for an initializer whose parameter carries logical axis names.
+
+  A logical name repeated within one parameter (an embed -> embed projection) is kept
+  on its first axis only: one array cannot be split twice over the same mesh axis.
+  """
+  seen: set[str] = set()
+  unique = []
+  for name in axes:
+    unique.append(None if name in seen else name)
+    if name is not None:
+      seen.add(name)
+  return nn.with_logical_partitioning(init, tuple(unique))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None] = ACTIVATION_AXES) -> jax.Array:
