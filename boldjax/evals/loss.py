@@ -60,5 +60,9 @@ class LossEvaluator:
         total += float(count)
     if total == 0:
       raise ValueError(f"evaluator {self.name!r}: split {self.split!r} yielded no examples")
-    for k in sorted(sums):
-      yield f"{self.name}/{k}", sums[k] / total
+    means = {k: sums[k] / total for k in sorted(sums)}
+    finalize = getattr(self._task, "finalize_metrics", None)
+    if finalize is not None:  # split-level metrics that are not means (balanced accuracy)
+      means = finalize(means)
+    for k in sorted(means):
+      yield f"{self.name}/{k}", means[k]
