@@ -50,7 +50,8 @@ def make_optimizer(
   `trainable` (a bool tree shaped like the params, or None for all) freezes the False
   leaves: zero updates and no optimizer moments.
   """
-  schedule = make_schedule(cfg, total_steps)
+  # With accumulation a train step is a microbatch; the schedule counts optimizer updates.
+  schedule = make_schedule(cfg, max(total_steps // max(cfg.accum_steps, 1), 1))
   no_decay = tuple(cfg.no_decay)
   chain = []
   if cfg.clip_norm and cfg.clip_norm > 0:

@@ -94,7 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         **step_metrics,
         "loss": loss,
         "grad_norm": optax.global_norm(grads),
-        "lr": schedule(state.step),
+        "lr": schedule(state.step // config.optim.accum_steps),
       }
       return TrainState(step=step, params=params, opt_state=opt_state, extra=extra), out
 

@@ -80,3 +80,25 @@ def test_fsdp_holds_an_eighth_of_the_state_per_device():
   # FSDP: about 1/8 each; vectors/small leaves that do not split stay replicated.
   assert max(fsdp.values()) < 0.2 * per_device["fsdp_total"]
   assert sum(fsdp.values()) < 1.6 * per_device["fsdp_total"]
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+  """2 microbatches of 8 per update == batches of 16 (same examples, same schedule)."""
+  runs = {}
+  for name, batch, accum, steps in (("large", 16, 1, 2), ("accum", 8, 2, 4)):
+    config = _config(STRATEGIES["dp"])
+    config.unlock()
+    config.data.batch_size = batch
+    config.optim.accum_steps = accum
+    config.total_steps = steps
+    config.checkpoint_every = steps
+    config.evals.val.every_steps = steps
+    config.lock()
+    train.run(config, str(tmp_path / name))
+    runs[name] = workdir.load_run(str(tmp_path / name))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6),
+    runs["accum"].state.params,
+    runs["large"].state.params,
+  )
