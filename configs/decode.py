@@ -22,6 +22,7 @@ def get_config(arg=None):
   c.task.freeze = arg.freeze
   c.total_steps = 300 if not arg.runlocal else 6
   c.optim.lr = 1e-4
-  c.evals.val.split = "test"
-  c.evals.val.every_steps = 100 if not arg.runlocal else 4
+  # Held-out subjects: report on the test split (subject-wise, never seen in training).
+  every = 100 if not arg.runlocal else 4
+  c.evals = {"test": {"type": "loss", "split": "test", "every_steps": every}}
   return c

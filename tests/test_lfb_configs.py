@@ -23,5 +23,6 @@ def test_decode_from_pretrained_csm(tmp_path):
   train.run(csm_gpt.get_config("runlocal"), str(tmp_path / "csm"))
   config = decode.get_config(f"runlocal,init={tmp_path / 'csm'},train_subjects=2")
   out = train.run(config, str(tmp_path / "decode"))
-  assert 0.0 <= out["val/accuracy"] <= 1.0
+  assert 0.0 <= out["test/accuracy"] <= 1.0
+  assert 0.0 <= out["test/balanced_accuracy"] <= 1.0
   assert out["baseline/chance_balanced_accuracy"] == pytest.approx(1 / 5)
