@@ -1,5 +1,10 @@
 """Parallelism strategies give the same training, and FSDP really splits the state."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -10,6 +15,7 @@ from boldjax import state as state_lib
 from boldjax.data import pipeline_for
 from configs import gpt_small
 
+REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = {
   "dp": (("data", -1), ("fsdp", 1), ("tensor", 1)),
   "fsdp": (("data", 1), ("fsdp", -1), ("tensor", 1)),
@@ -37,7 +43,36 @@ def runs(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp(name)
     metrics = train.run(_config(mesh), str(run_dir))
     out[name] = (metrics, workdir.load_run(str(run_dir)))
+  # The same run on ONE device, in a process of its own.
+  run_dir = tmp_path_factory.mktemp("single")
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "boldjax.main",
+      "--config=configs/gpt_small.py:runlocal",
+      "--config.total_steps=3",
+      "--config.checkpoint_every=3",
+      "--config.model.num_heads=4",
+      "--config.evals.val.every_steps=3",
+      f"--workdir={run_dir}",
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+  )
+  out["single"] = (None, workdir.load_run(str(run_dir)))
   return out
+
+
+@pytest.mark.slow
+def test_data_parallel_matches_one_device(runs):
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6),
+    runs["dp"][1].state.params,
+    runs["single"][1].state.params,
+  )
 
 
 @pytest.mark.slow
