@@ -32,7 +32,17 @@ def base_config(
   c.data.source = "synthetic_parcellated"
   c.data.path = ml_collections.FieldReference(None, field_type=str)
   c.data.cache_dir = os.environ.get("BOLDJAX_CACHE", os.path.expanduser("~/.cache/boldjax"))
-  c.data.synthetic = ml_collections.ConfigDict({"num_parcels": 64, "num_subjects": 12, "seed": 0})
+  # SyntheticBoldSpec fields that experiments vary (the rest keep their defaults).
+  c.data.synthetic = ml_collections.ConfigDict(
+    {
+      "num_parcels": 64,
+      "num_subjects": 12,
+      "task_scale": 1.0,
+      "noise_scale": 0.5,
+      "subject_pattern_scale": 0.3,
+      "seed": 0,
+    }
+  )
   c.data.seq_min = 10
   c.data.seq_max = 49
   c.data.zscore = "run"
