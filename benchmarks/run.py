@@ -1,0 +1,463 @@
+"""boldjax train step vs a PyTorch re-implementation of the original, same weights and batch.
+
+  python -m benchmarks.run --family=patch_gpt|csm_gpt|all [--json] [--repeats N]
+
+Per family: the boldjax step is built exactly as boldjax/train.py builds it (mesh, state
+spec, optimizer, task loss, jit with donation) on the config's default shapes and the first
+batch of the real pipeline; the torch model loads the same weights through the converter's
+params_to_torch and must give the same loss (rtol 1e-4) before anything is timed. Then the
+two steps are timed alternately in this process after warm-up (median of repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import flops as flops_lib
+
+FAMILIES = ("patch_gpt", "csm_gpt")
+CONFIGS = {"patch_gpt": "configs.gpt_small", "csm_gpt": "configs.csm_gpt"}
+LOSS_RTOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# Compilation accounting (jax.monitoring events fire on every trace / compile).
+# ---------------------------------------------------------------------------------------
+class CompileLog:
+  """Counts backend compilations and sums trace + lowering + compile seconds."""
+
+  EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+  )
+
+  def __init__(self) -> None:
+    self.compiles = 0
+    self.seconds = 0.0
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, event: str, duration: float, **_: Any) -> None:
+    if event in self.EVENTS:
+      self.seconds += duration
+      self.compiles += event == self.EVENTS[-1]
+
+
+_LOG: CompileLog | None = None
+
+
+def compile_log() -> CompileLog:
+  global _LOG
+  if _LOG is None:
+    _LOG = CompileLog()
+  return _LOG
+
+
+# ---------------------------------------------------------------------------------------
+# The boldjax side, as train.py builds it.
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class JaxSide:
+  config: Any
+  info: Any
+  task: Any
+  state: Any
+  step: Callable  # jitted (state, batch) -> (state, metrics), state donated
+  batch: dict[str, jax.Array]
+  host_batch: dict[str, np.ndarray]
+  step_rng: jax.Array
+
+
+def load_config(family: str, arg: str | None = None):
+  """The family's config module's get_config(arg)."""
+  import importlib
+
+  if family not in CONFIGS:
+    raise ValueError(f"benchmarks.run --family: expected one of {FAMILIES}, found {family!r}")
+  return importlib.import_module(CONFIGS[family]).get_config(arg)
+
+
+def build_jax(config) -> JaxSide:
+  """Mesh, data, task, optimizer, sharded state and the jitted donated step of train.py."""
+  from boldjax import optim, registry, sharding
+  from boldjax import state as state_lib
+  from boldjax.data import pipeline_for
+  from boldjax.state import TrainState
+
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.sharding.rules)
+  batch_sh = sharding.batch_sharding(mesh)
+  data = pipeline_for(config.data)
+  info = data.prepare(config.data)
+  dataset = data.make_dataset(
+    config.data,
+    info,
+    split="train",
+    train=True,
+    seed=config.seed,
+    batch_size=config.data.batch_size,
+  )
+  host_batch = next(iter(dataset))
+  example = state_lib.global_example(host_batch)
+  task = registry.get("task", config.task.name)(config, info)
+  tx, schedule = optim.make_optimizer(
+    config.optim, config.total_steps, state_lib.trainable_mask(task, example)
+  )
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    spec = state_lib.make_state_spec(task, tx, example, init_rng, mesh, rules)
+
+    def train_step(state: TrainState, batch):
+      rng = jax.random.fold_in(step_rng, state.step)
+
+      def loss_fn(params):
+        return task.loss(params, state.extra, batch, rng, train=True)
+
+      (loss, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      step = state.step + 1
+      extra = task.update_extra(params, state.extra, step)
+      out = {
+        **step_metrics,
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state.step // config.optim.accum_steps),
+      }
+      return TrainState(step=step, params=params, opt_state=opt_state, extra=extra), out
+
+    step = jax.jit(
+      train_step,
+      in_shardings=(spec.shardings, batch_sh),
+      out_shardings=(spec.shardings, None),
+      donate_argnums=0,
+    )
+    state = spec.init(init_rng)
+    batch = sharding.to_global(host_batch, batch_sh)
+  return JaxSide(config, info, task, state, step, batch, host_batch, step_rng)
+
+
+# ---------------------------------------------------------------------------------------
+# The torch side: same architecture, weights, batch and optimizer.
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TorchSide:
+  model: Any
+  loss: Callable[[], Any]  # draws what the step draws (CSM frame), returns the loss tensor
+  eval_loss: Callable[[], float]  # deterministic loss on the benchmark batch
+  step: Callable[[], None]
+
+
+def torch_optimizer(model, optim_cfg, total_steps: int):
+  """AdamW + global-norm clipping + warmup/cosine with boldjax's decay mask rule (rank >= 2
+  and no path component named in optim.no_decay), on torch parameter names."""
+  import re
+
+  import torch
+
+  patterns = [re.compile(f"^{n}$") for n in optim_cfg.no_decay]
+  decay, no_decay = [], []
+  for name, p in model.named_parameters():
+    exempt = any(pat.match(part) for pat in patterns for part in name.split("."))
+    (no_decay if exempt or p.ndim < 2 else decay).append(p)
+  opt = torch.optim.AdamW(
+    [
+      {"params": decay, "weight_decay": optim_cfg.weight_decay},
+      {"params": no_decay, "weight_decay": 0.0},
+    ],
+    lr=optim_cfg.lr,
+    betas=(optim_cfg.b1, optim_cfg.b2),
+    eps=optim_cfg.eps,
+  )
+  warm = max(int(optim_cfg.warmup_steps), 1)
+
+  def factor(s: int) -> float:
+    if s < warm:
+      return optim_cfg.warmup_init + (1 - optim_cfg.warmup_init) * s / warm
+    frac = min((s - warm) / max(total_steps - warm, 1), 1.0)
+    lo = optim_cfg.min_lr_ratio
+    return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac))
+
+  sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+  return opt, sched
+
+
+def _torch_step(model, loss_fn, opt, sched, clip: float) -> Callable[[], None]:
+  import torch
+
+  def step() -> None:
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    if clip and clip > 0:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    sched.step()
+
+  return step
+
+
+def build_torch(family: str, side: JaxSide) -> TorchSide:
+  import torch
+
+  params = jax.device_get(nn.unbox(side.state.params))
+  b = {k: torch.from_numpy(np.asarray(v)) for k, v in side.host_batch.items()}
+  cfg = side.config
+  if family == "patch_gpt":
+    from benchmarks import torch_patch_gpt
+
+    model = torch_patch_gpt.from_boldjax(side.task.model, params)
+    b = {k: v.long() if v.dtype == torch.int32 else v for k, v in b.items()}
+    categorical = side.task.categorical
+    pmask = torch.from_numpy(np.asarray(side.task.patch_mask))
+
+    def loss():
+      return model.loss(b, categorical, pmask)
+
+    eval_loss = loss
+  elif family == "csm_gpt":
+    from benchmarks import torch_lfb_gpt
+    from boldjax.tasks.csm import draw_masking_i
+
+    model = torch_lfb_gpt.from_boldjax(side.task.model, params)
+    b["length"] = b["length"].long()
+    b["mask"] = b["mask"].bool()
+    # The frame boldjax's deterministic loss masks for rng=key(0) (see parity_losses).
+    mask_rng = jax.random.split(jax.random.key(0))[0]
+    fixed_i = np.array(draw_masking_i(mask_rng, jnp.asarray(b["length"].numpy())))
+    fixed_i = torch.from_numpy(fixed_i).long()
+
+    def loss():  # the original: i ~ U{1..len-1} per row, every step
+      n = torch.clamp(b["length"] - 1, min=1)
+      i = 1 + torch.minimum((torch.rand(n.shape) * n).long(), n - 1)
+      return model.loss(b, i)
+
+    def eval_loss():
+      return model.loss(b, fixed_i)
+  else:
+    raise ValueError(f"benchmarks.run: no torch model for family {family!r}")
+  opt, sched = torch_optimizer(model, cfg.optim, cfg.total_steps)
+  return TorchSide(
+    model, loss, eval_loss, _torch_step(model, loss, opt, sched, cfg.optim.clip_norm)
+  )
+
+
+def parity_losses(side: JaxSide, tside: TorchSide) -> tuple[float, float]:
+  """(boldjax, torch) deterministic losses of the same weights on the benchmark batch."""
+  import torch
+
+  jax_loss, _ = jax.jit(
+    lambda p, batch: side.task.loss(p, side.state.extra, batch, jax.random.key(0), train=False)
+  )(side.state.params, side.batch)
+  tside.model.eval()
+  with torch.no_grad():
+    torch_loss = float(tside.eval_loss())
+  tside.model.train()
+  return float(jax_loss), torch_loss
+
+
+# ---------------------------------------------------------------------------------------
+# Timing.
+# ---------------------------------------------------------------------------------------
+def load_average() -> float:
+  return os.getloadavg()[0]
+
+
+def wait_for_idle(threshold: float = 1.2, max_wait_s: float = 600.0, poll_s: float = 60.0):
+  """Sleep until the 1-min load is below `threshold` (or give up); returns (load, waited)."""
+  waited = 0.0
+  while load_average() >= threshold and waited < max_wait_s:
+    print(f"load {load_average():.2f} >= {threshold}: waiting {poll_s:.0f}s", file=sys.stderr)
+    time.sleep(poll_s)
+    waited += poll_s
+  return load_average(), waited
+
+
+def bench_family(family: str, repeats: int, steps_per_repeat: int, warmup: int) -> dict:
+  import torch
+
+  log = compile_log()
+  config = load_config(family)
+  side = build_jax(config)
+  tside = build_torch(family, side)
+  jl, tl = parity_losses(side, tside)
+  if not math.isclose(jl, tl, rel_tol=LOSS_RTOL):
+    raise AssertionError(
+      f"benchmarks.run {family}: boldjax loss {jl!r} != torch loss {tl!r} (rtol {LOSS_RTOL}) "
+      "on the same weights and batch; not timing different models"
+    )
+
+  c0, s0 = log.compiles, log.seconds
+  t0 = time.perf_counter()
+  state, metrics = side.step(side.state, side.batch)
+  jax.block_until_ready((state, metrics))
+  first_call = time.perf_counter() - t0
+  compile_s = log.seconds - s0
+  compiles_warmup = log.compiles - c0
+  for _ in range(warmup):
+    state, metrics = side.step(state, side.batch)
+    tside.step()
+  jax.block_until_ready(state)
+
+  c1 = log.compiles
+  jax_times, torch_times = [], []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(steps_per_repeat):
+      state, metrics = side.step(state, side.batch)
+    jax.block_until_ready((state, metrics))
+    jax_times.append((time.perf_counter() - t0) / steps_per_repeat)
+    t0 = time.perf_counter()
+    for _ in range(steps_per_repeat):
+      tside.step()
+    torch_times.append((time.perf_counter() - t0) / steps_per_repeat)
+  recompiles = log.compiles - c1
+  jax_step, torch_step = float(np.median(jax_times)), float(np.median(torch_times))
+
+  model = side.task.model
+  host = side.host_batch
+  if family == "patch_gpt":
+    B, N = host["patches"].shape[:2]
+    count = flops_lib.patch_gpt(model, B)
+    shapes = dict(batch=B, tokens_per_row=N + 1, width=model.embed_dim, depth=model.depth)
+  else:
+    B, S = host["bold"].shape[:2]
+    count = flops_lib.csm_gpt(model, B, S)
+    shapes = dict(batch=B, tokens_per_row=S, width=model.embed_dim, depth=model.num_layers)
+  tokens = shapes["batch"] * shapes["tokens_per_row"]
+  return {
+    "family": family,
+    "config": CONFIGS[family].replace(".", "/") + ".py",
+    **shapes,
+    "params": int(sum(x.size for x in jax.tree.leaves(side.state.params))),
+    "loss_boldjax": jl,
+    "loss_torch": tl,
+    "step_s_boldjax": jax_step,
+    "step_s_torch": torch_step,
+    "tokens_per_s_boldjax": tokens / jax_step,
+    "tokens_per_s_torch": tokens / torch_step,
+    "ratio_boldjax_over_torch": torch_step / jax_step,
+    "train_step_gflop": count.train_step / 1e9,
+    "gflops_boldjax": count.train_step / jax_step / 1e9,
+    "gflops_torch": count.train_step / torch_step / 1e9,
+    "compile_s": compile_s,
+    "first_call_s": first_call,
+    "compiles_in_warmup": compiles_warmup,
+    "recompiles_after_warmup": recompiles,
+    "torch_threads": torch.get_num_threads(),
+    "repeats": repeats,
+    "steps_per_repeat": steps_per_repeat,
+  }
+
+
+def machine() -> dict:
+  import flax
+  import torch
+
+  cpu = ""
+  with open("/proc/cpuinfo") as f:
+    for line in f:
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  try:
+    commit = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+  except OSError:
+    commit = ""
+  return {
+    "nproc": os.cpu_count(),
+    "cpu": cpu,
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "flax": flax.__version__,
+    "torch": torch.__version__,
+    "commit": commit,
+  }
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main(argv: list[str] | None = None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--family", default="all", choices=(*FAMILIES, "all"))
+  p.add_argument("--json", action="store_true", help="print one JSON document")
+  p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--no-wait", action="store_true", help="time even if the machine is busy")
+  args = p.parse_args(argv)
+
+  import torch
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  families = FAMILIES if args.family == "all" else (args.family,)
+  load, waited = (load_average(), 0.0) if args.no_wait else wait_for_idle()
+  result: dict[str, Any] = {
+    "machine": machine(),
+    "load_1min_before": load,
+    "waited_for_idle_s": waited,
+    "matmul_ceiling_gflops": flops_lib.matmul_ceiling(),
+    "families": [],
+  }
+  for fam in families:
+    r = bench_family(fam, args.repeats, args.steps, args.warmup)
+    r["peak_rss_mb_process"] = peak_rss_mb()
+    r["fraction_of_ceiling_boldjax"] = r["gflops_boldjax"] / result["matmul_ceiling_gflops"]
+    result["families"].append(r)
+  result["load_1min_after"] = load_average()
+  if args.json:
+    print(json.dumps(result, indent=1))
+  else:
+    print(format_table(result))
+  return result
+
+
+def format_table(result: dict) -> str:
+  """Markdown table of a run's figures (also used for benchmarks/README.md)."""
+  rows = [
+    "| family | tokens/s boldjax | tokens/s torch | boldjax/torch | GFLOP/s boldjax | "
+    "GFLOP/s torch | % of ceiling (jax) | compile s | recompiles | peak RSS MB |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in result["families"]:
+    rows.append(
+      f"| {r['family']} | {r['tokens_per_s_boldjax']:.0f} | {r['tokens_per_s_torch']:.0f} | "
+      f"{r['ratio_boldjax_over_torch']:.2f}x | {r['gflops_boldjax']:.1f} | "
+      f"{r['gflops_torch']:.1f} | {100 * r['fraction_of_ceiling_boldjax']:.0f}% | "
+      f"{r['compile_s']:.1f} | {r['recompiles_after_warmup']} | "
+      f"{r['peak_rss_mb_process']:.0f} |"
+    )
+  m = result["machine"]
+  rows.append("")
+  rows.append(
+    f"f32 matmul ceiling (jnp.dot 2048^3): {result['matmul_ceiling_gflops']:.1f} GFLOP/s; "
+    f"1-min load before {result['load_1min_before']:.2f}, after "
+    f"{result['load_1min_after']:.2f}; {m['nproc']} x {m['cpu']}; jax {m['jax']}, "
+    f"torch {m['torch']}"
+  )
+  return "\n".join(rows)
+
+
+if __name__ == "__main__":
+  main()
