@@ -28,7 +28,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from benchmarks import flops as flops_lib
 
@@ -99,7 +98,7 @@ def build_jax(config) -> JaxSide:
   from boldjax import optim, registry, sharding
   from boldjax import state as state_lib
   from boldjax.data import pipeline_for
-  from boldjax.state import TrainState
+  from boldjax.train import make_train_step
 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.sharding.rules)
@@ -124,25 +123,7 @@ def build_jax(config) -> JaxSide:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     spec = state_lib.make_state_spec(task, tx, example, init_rng, mesh, rules)
 
-    def train_step(state: TrainState, batch):
-      rng = jax.random.fold_in(step_rng, state.step)
-
-      def loss_fn(params):
-        return task.loss(params, state.extra, batch, rng, train=True)
-
-      (loss, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      step = state.step + 1
-      extra = task.update_extra(params, state.extra, step)
-      out = {
-        **step_metrics,
-        "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "lr": schedule(state.step // config.optim.accum_steps),
-      }
-      return TrainState(step=step, params=params, opt_state=opt_state, extra=extra), out
-
+    train_step = make_train_step(task, tx, schedule, step_rng, config.optim.accum_steps)
     step = jax.jit(
       train_step,
       in_shardings=(spec.shardings, batch_sh),
