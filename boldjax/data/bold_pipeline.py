@@ -21,7 +21,6 @@ bool, length (B,) i32, subject_id (B,) i32, label (B,) i32, valid (B,) bool when
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any
 
@@ -31,6 +30,7 @@ import numpy as np
 
 from boldjax import registry
 from boldjax.data import bold_records
+from boldjax.data.pipeline import eval_shard_indices, to_iter_dataset
 from boldjax.data.transforms import IndexedSource
 
 ZSCORE_MODES = ("run", "none", "stored")
@@ -417,23 +417,12 @@ def make_dataset(
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     ds = ds[shard_index::shard_count]
   else:
-    per_shard = math.ceil(n / shard_count)
-    padded = math.ceil(per_shard / batch_size) * batch_size
-    idx = np.arange(n)[shard_index::shard_count]
-    idx = np.concatenate([idx, np.full(padded - len(idx), -1, np.int64)])
+    idx = eval_shard_indices(n, batch_size, shard_index, shard_count)
     pad = pad_run(info.num_parcels, seq_min)
     ds = grain.MapDataset.source(IndexedSource(source, idx, pad))
   ds = ds.random_map(sampler, seed=(seed + 1) % 2**32)
   ds = ds.batch(batch_size, drop_remainder=train)
-  read = grain.ReadOptions(
-    num_threads=int(_get(data_cfg, "num_threads", 2)),
-    prefetch_buffer_size=int(_get(data_cfg, "prefetch_buffer_size", 64)),
-  )
-  it_ds = ds.to_iter_dataset(read)
-  workers = int(_get(data_cfg, "num_workers", 0))
-  if workers > 0:
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return it_ds
+  return to_iter_dataset(ds, data_cfg)
 
 
 @registry.register("pipeline", "synthetic_parcellated")

@@ -30,7 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from boldjax.data.records import SPLITS, EmptySource, _json_default, _Progress, _quiet_tfds
+from boldjax.data.records import (
+  SPLITS,
+  EmptySource,
+  TfdsSplitSource,
+  _json_default,
+  _Progress,
+  _quiet_tfds,
+)
 
 FORMAT_VERSION = 1
 BOLD_DTYPES = ("float16", "float32")
@@ -455,32 +462,11 @@ def build_bold_dataset(
   return out_dir
 
 
-class BoldSource:
-  """Random-access split of runs (len, getitem -> dict of numpy) for grain.
+class BoldSource(TfdsSplitSource):
+  """Split of runs (getitem -> dict of numpy; strings come back as str) for grain."""
 
-  Picklable: the TFDS data source reopens lazily in each process. Strings come back as str.
-  """
-
-  def __init__(self, path: str, split: str):
-    self.path, self.split = path, split
-    self._source = None
-    self._len = None
-
-  def _open(self):
-    if self._source is None:
-      import tensorflow_datasets as tfds
-
-      tfds_dir = os.path.join(self.path, "tfds", _BUILDER_NAME, _BUILDER_VERSION)
-      builder = tfds.builder_from_directory(tfds_dir)
-      if self.split not in builder.info.splits:
-        raise KeyError(f"{self.path}: no split {self.split!r}; found {sorted(builder.info.splits)}")
-      self._source = builder.as_data_source(split=self.split)
-    return self._source
-
-  def __len__(self) -> int:
-    if self._len is None:
-      self._len = len(self._open())
-    return self._len
+  builder_name = _BUILDER_NAME
+  builder_version = _BUILDER_VERSION
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     ex = dict(self._open()[int(index)])

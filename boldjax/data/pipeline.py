@@ -282,10 +282,7 @@ def make_dataset(
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     keys = TRAIN_KEYS
   else:
-    per_shard = math.ceil(n / shard_count)
-    padded = math.ceil(per_shard / batch_size) * batch_size
-    idx = np.arange(n)[shard_index::shard_count]
-    idx = np.concatenate([idx, np.full(padded - len(idx), -1, np.int64)])
+    idx = eval_shard_indices(n, batch_size, shard_index, shard_count)
     ds = grain.MapDataset.source(transforms.IndexedSource(source, idx, _pad_example(info)))
     keys = EVAL_KEYS
   ds = ds.map(transforms.Dequantize(info.mask, info.value_range))
@@ -301,6 +298,19 @@ def make_dataset(
   ds = ds.batch(batch_size, drop_remainder=train)
   if info.tokenizer is not None:
     ds = ds.map(transforms.Tokenize(info.tokenizer))  # one BLAS call per batch
+  return to_iter_dataset(ds, data_cfg)
+
+
+def eval_shard_indices(n: int, batch_size: int, shard_index: int, shard_count: int):
+  """This process's example indices, padded with -1 so every process has equal full batches."""
+  per_shard = math.ceil(n / shard_count)
+  padded = math.ceil(per_shard / batch_size) * batch_size
+  idx = np.arange(n)[shard_index::shard_count]
+  return np.concatenate([idx, np.full(padded - len(idx), -1, np.int64)])
+
+
+def to_iter_dataset(ds: grain.MapDataset, data_cfg: Any) -> grain.IterDataset:
+  """Threaded reads, plus worker processes when data_cfg.num_workers > 0."""
   read = grain.ReadOptions(
     num_threads=int(_get(data_cfg, "num_threads", 2)),
     prefetch_buffer_size=int(_get(data_cfg, "prefetch_buffer_size", 64)),

@@ -326,11 +326,15 @@ def _json_default(obj):
   raise TypeError(f"meta.json: cannot serialise {type(obj).__name__}: {obj!r}")
 
 
-class FlatSource:
-  """Random-access split (len, getitem -> dict of numpy arrays) for grain.MapDataset.source.
+class TfdsSplitSource:
+  """Random-access split of a dataset directory's TFDS ArrayRecord files.
 
-  Picklable: it reopens the TFDS data source lazily in each process.
+  Picklable: the TFDS data source is reopened lazily in each process. Subclasses name
+  their builder and decode examples in __getitem__.
   """
+
+  builder_name = _BUILDER_NAME
+  builder_version = _BUILDER_VERSION
 
   def __init__(self, path: str, split: str):
     self.path, self.split = path, split
@@ -341,7 +345,7 @@ class FlatSource:
     if self._source is None:
       import tensorflow_datasets as tfds
 
-      tfds_dir = os.path.join(self.path, "tfds", _BUILDER_NAME, _BUILDER_VERSION)
+      tfds_dir = os.path.join(self.path, "tfds", self.builder_name, self.builder_version)
       builder = tfds.builder_from_directory(tfds_dir)
       if self.split not in builder.info.splits:
         raise KeyError(f"{self.path}: no split {self.split!r}; found {sorted(builder.info.splits)}")
@@ -352,6 +356,10 @@ class FlatSource:
     if self._len is None:
       self._len = len(self._open())
     return self._len
+
+
+class FlatSource(TfdsSplitSource):
+  """Flat-map split (getitem -> dict of numpy arrays) for grain.MapDataset.source."""
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     ex = self._open()[index]
