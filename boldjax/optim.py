@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -25,8 +26,26 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
   )
 
 
-def decay_mask(params, no_decay_names: tuple[str, ...]):
-  """True where weight decay applies: arrays of rank >= 2 whose path names no exempt part.
+def make_weight_decay(cfg: ml_collections.ConfigDict, total_steps: int) -> float | optax.Schedule:
+  """A constant, or (weight_decay_end set) a cosine from weight_decay to weight_decay_end.
+
+  DINO-family recipes (Brain-Semantoks: 0.05 -> 0.3) raise the decay as training goes.
+  """
+  end = cfg.get("weight_decay_end", None)
+  if end is None:
+    return cfg.weight_decay
+  start, n = float(cfg.weight_decay), max(total_steps, 1)
+
+  def schedule(count):
+    progress = jnp.minimum(count, n) / n
+    return end + 0.5 * (start - end) * (1.0 + jnp.cos(jnp.pi * progress))
+
+  return schedule
+
+
+def decay_mask(params, no_decay_names: tuple[str, ...], min_rank: int = 2):
+  """True where weight decay applies: arrays of rank >= min_rank whose path names no exempt
+  part (min_rank=2 spares biases and norm scales; 0 decays everything, as Semantoks does).
 
   Exempt names are matched against each path component (e.g. 'pos_embed' exempts
   params['pos_embed'] and params['blocks_0']['pos_embed']).
@@ -37,7 +56,7 @@ def decay_mask(params, no_decay_names: tuple[str, ...]):
     keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     if any(p.match(k) for p in patterns for k in keys):
       return False
-    return getattr(leaf, "ndim", 0) >= 2
+    return getattr(leaf, "ndim", 0) >= min_rank
 
   return jax.tree_util.tree_map_with_path(applies, params)
 
@@ -51,8 +70,10 @@ def make_optimizer(
   leaves: zero updates and no optimizer moments.
   """
   # With accumulation a train step is a microbatch; the schedule counts optimizer updates.
-  schedule = make_schedule(cfg, max(total_steps // max(cfg.accum_steps, 1), 1))
+  updates = max(total_steps // max(cfg.accum_steps, 1), 1)
+  schedule = make_schedule(cfg, updates)
   no_decay = tuple(cfg.no_decay)
+  min_rank = int(cfg.get("decay_min_rank", 2))
   chain = []
   if cfg.clip_norm and cfg.clip_norm > 0:
     chain.append(optax.clip_by_global_norm(cfg.clip_norm))
@@ -62,8 +83,8 @@ def make_optimizer(
       b1=cfg.b1,
       b2=cfg.b2,
       eps=cfg.eps,
-      weight_decay=cfg.weight_decay,
-      mask=lambda p: decay_mask(p, no_decay),
+      weight_decay=make_weight_decay(cfg, updates),
+      mask=lambda p: decay_mask(p, no_decay, min_rank),
     )
   )
   tx = optax.chain(*chain)

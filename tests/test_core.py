@@ -69,6 +69,21 @@ def test_decay_mask_skips_vectors_and_named_embeddings():
   assert mask == {"pos_embed": False, "dense": {"kernel": True, "bias": False}}
 
 
+def test_weight_decay_cosine_schedule_and_decay_everything():
+  """weight_decay_end: decay rises 0.05 -> 0.3 on a cosine; decay_min_rank=0 decays vectors."""
+  cfg = _optim_cfg(clip_norm=0.0, warmup_steps=0, warmup_init=1.0, min_lr_ratio=1.0)
+  cfg.lr = 1.0
+  cfg.weight_decay_end = 0.3
+  cfg.decay_min_rank = 0
+  tx, _ = optim.make_optimizer(cfg, total_steps=10)
+  params = {"bias": jnp.ones(3)}
+  state = tx.init(params)
+  for count in range(11):
+    updates, state = tx.update({"bias": jnp.zeros(3)}, state, params)
+    expected = 0.3 + 0.5 * (0.05 - 0.3) * (1 + np.cos(np.pi * count / 10))
+    np.testing.assert_allclose(updates["bias"], -expected, rtol=1e-5)
+
+
 def test_adamw_step_matches_closed_form():
   """One AdamW step: decayed params move by lr*(sign(g) + wd*p); exempt ones by lr*sign(g)."""
   cfg = _optim_cfg(clip_norm=0.0, warmup_steps=0, warmup_init=1.0, min_lr_ratio=1.0)
