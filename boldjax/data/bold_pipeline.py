@@ -10,6 +10,13 @@ Modes (data_cfg.mode):
   decode    one example per task block (stimulus onset + decode_shift_s for the HRF, its
             duration, at most seq_max frames), or per record with a record-level label
             (learning-from-brains downstream samples); label = the block's class.
+  views     one example per run per epoch for network-token DINO (Brain-Semantoks): the
+            z-scored run (optionally resampled onto views_tr) -> two crops of crop_length
+            frames with the original's augmentations and a (N networks x P patches) token
+            mask each; see boldjax/data/views.py. Batch: views (B,2,R,crop_length) f32
+            (ROI-major), masks (B,2,N,P) bool (True = masked), view_starts (B,2) i32,
+            subject_id, label (-1), valid when train=False. Eval crops come from
+            (seed, plan row) only, so validation losses are reproducible.
 
 Every random choice comes from grain's per-element rng (RandomMap), so iterator state
 checkpoints exactly. Batches are host-local numpy dicts with fixed shapes (T = seq_max):
@@ -29,12 +36,12 @@ import ml_collections
 import numpy as np
 
 from boldjax import registry
-from boldjax.data import bold_records
+from boldjax.data import bold_records, views
 from boldjax.data.pipeline import eval_shard_indices, to_iter_dataset
 from boldjax.data.transforms import IndexedSource
 
 ZSCORE_MODES = ("run", "none", "stored")
-MODES = ("pretrain", "decode")
+MODES = ("pretrain", "decode", "views")
 _STD_FLOOR = 1e-6
 
 
@@ -52,8 +59,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.train_subjects = ml_collections.config_dict.placeholder(int)  # None = all
   c.pairs = False  # Seq-BERT next-sequence pairs
   c.pair_gap = (0, 0)  # gap frames ~ randint(lo, hi) (learning-from-brains BERT: (1, 5))
-  c.mode = "pretrain"  # pretrain | decode
+  c.mode = "pretrain"  # pretrain | decode | views
   c.decode_shift_s = 5.0  # block onsets are shifted by this for the HRF in decode mode
+  # views mode (Brain-Semantoks two-view input; defaults are the original's)
+  c.crop_length = 100  # frames per view
+  c.patch_size = 20  # frames per token: masks have crop_length // patch_size patches
+  c.views_tr = ml_collections.config_dict.placeholder(float)  # None: keep each run's TR
+  c.augment = (1, 1, 1, 1)  # switches (roi_dropout, time_block, noise, scale)
+  c.roi_drop_range = (0.0, 0.1)  # fraction of ROIs zeroed per view ~ U(lo, hi)
+  c.time_drop_range = (0.0, 0.3)  # fraction of frames zeroed (one block) ~ U(lo, hi)
+  c.scale_range = (0.8, 1.2)  # amplitude factor ~ U(lo, hi)
+  c.noise_std = 0.1  # additive Gaussian noise
+  c.mask_ratio = (0.65, 0.85)  # slice_masker range (networks or patches masked)
   c.batch_size = 32  # global
   c.eval_batch_size = 32  # global
   c.num_workers = 0  # grain mp_prefetch processes
@@ -133,6 +150,20 @@ def _check_cfg(data_cfg: Any) -> tuple[int, int, str, str]:
   return seq_min, seq_max, zscore, mode
 
 
+def views_cfg(data_cfg: Any) -> tuple[int, int, float | None]:
+  """(crop_length, patch_size, views_tr) of views mode, validated."""
+  crop, patch = int(_get(data_cfg, "crop_length", 100)), int(_get(data_cfg, "patch_size", 20))
+  if not 1 <= patch <= crop:
+    raise ValueError(
+      f"data config: field 'patch_size' expected 1 <= patch_size <= crop_length ({crop}), "
+      f"found {patch}"
+    )
+  tr = _get(data_cfg, "views_tr")
+  if tr is not None and not float(tr) > 0:
+    raise ValueError(f"data config: field 'views_tr' expected > 0 s or None, found {tr}")
+  return crop, patch, None if tr is None else float(tr)
+
+
 def kept_train_subjects(ds: bold_records.BoldDataset, data_cfg: Any) -> list[int] | None:
   """Subject ids kept for training when data_cfg.train_subjects is set (seeded choice)."""
   n = _get(data_cfg, "train_subjects")
@@ -149,8 +180,11 @@ def kept_train_subjects(ds: bold_records.BoldDataset, data_cfg: Any) -> list[int
 
 
 def plan(ds: bold_records.BoldDataset, split: str, data_cfg: Any) -> np.ndarray:
-  """(N, 4) int64 rows (record, start, length, label); start -1 = random chunk (pretrain)."""
+  """(N, 4) int64 rows (record, start, length, label); start -1 = random chunk (pretrain,
+  views). Views mode checks every kept run is at least crop_length frames (after views_tr)."""
   _, seq_max, _, mode = _check_cfg(data_cfg)
+  if mode == "views":
+    crop, _, views_tr = views_cfg(data_cfg)
   idx = ds.split_index(split)
   keep = None
   if split == "train":
@@ -162,7 +196,16 @@ def plan(ds: bold_records.BoldDataset, split: str, data_cfg: Any) -> np.ndarray:
   ):
     if keep is not None and sub not in keep:
       continue
-    if mode == "pretrain":
+    if mode == "views":
+      n = views.resampled_length(t, tr, views_tr)
+      if n < crop:
+        run = idx["run"][i] if "run" in idx else "?"
+        note = "" if n == t else f" (T={t} at TR {tr:g} s resampled to views_tr {views_tr:g} s)"
+        raise ValueError(
+          f"{ds.path}/{split} record {i} (run {run!r}, subject_id {sub}): field "
+          f"'crop_length' expected <= the run's {n} frames{note}, found {crop}"
+        )
+    if mode in ("pretrain", "views"):
       rows.append((i, -1, t, -1))
       continue
     onsets = idx["block_onset_s"][i]
@@ -254,7 +297,11 @@ class PlannedSource:
     record, start, length, label = (int(v) for v in self.rows[int(index)])
     out = self.run(record)
     out.update(
-      record=np.int64(record), start=np.int64(start), crop=np.int64(length), label=np.int32(label)
+      record=np.int64(record),
+      row=np.int64(index),
+      start=np.int64(start),
+      crop=np.int64(length),
+      label=np.int32(label),
     )
     return out
 
@@ -393,7 +440,7 @@ def make_dataset(
     raise ValueError(
       f"make_dataset: need 0 <= shard_index < shard_count, found {shard_index}, {shard_count}"
     )
-  seq_min, seq_max, zscore, _ = _check_cfg(data_cfg)
+  seq_min, seq_max, zscore, mode = _check_cfg(data_cfg)
   ds_dir = bold_records.open_bold_dataset(info.path)
   rows = plan(ds_dir, split, data_cfg)
   if len(rows) == 0:
@@ -402,6 +449,8 @@ def make_dataset(
     )
   zscored = bool(ds_dir.meta.get("bold_is_zscored", False))
   source = PlannedSource(info.path, split, rows, zscore, zscored)
+  if mode == "views":
+    return _views_dataset(data_cfg, info, source, train, seed, batch_size, shard_index, shard_count)
   pairs = bool(_get(data_cfg, "pairs", False))
   subjects = np.asarray(ds_dir.split_index(split)["subject_id"], np.int64)[rows[:, 0]]
   sampler = MakeSequence(
@@ -421,6 +470,44 @@ def make_dataset(
     pad = pad_run(info.num_parcels, seq_min)
     ds = grain.MapDataset.source(IndexedSource(source, idx, pad))
   ds = ds.random_map(sampler, seed=(seed + 1) % 2**32)
+  ds = ds.batch(batch_size, drop_remainder=train)
+  return to_iter_dataset(ds, data_cfg)
+
+
+def _views_dataset(
+  data_cfg: Any,
+  info: BoldInfo,
+  source: PlannedSource,
+  train: bool,
+  seed: int,
+  batch_size: int,
+  shard_index: int,
+  shard_count: int,
+) -> grain.IterDataset:
+  """Views mode. Training slices the global stream AFTER the random transform, so an
+  example's crops depend on its place in the global stream and N processes together see
+  exactly the 1-process batches."""
+  crop, patch, views_tr = views_cfg(data_cfg)
+  sampler = views.MakeViews(
+    crop_length=crop,
+    patch_size=patch,
+    num_networks=info.num_networks,
+    spec=views.augment_spec(data_cfg),
+    ratio=views.mask_ratio(data_cfg),
+    views_tr=views_tr,
+    train=train,
+    eval_seed=seed,
+    where=source.where,
+  )
+  if train:
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    ds = ds.random_map(sampler, seed=(seed + 1) % 2**32)[shard_index::shard_count]
+  else:
+    idx = eval_shard_indices(len(source), batch_size, shard_index, shard_count)
+    pad = pad_run(info.num_parcels, crop)
+    pad.update(tr=np.float32(views_tr or 1.0), row=np.int64(-1))
+    ds = grain.MapDataset.source(IndexedSource(source, idx, pad))
+    ds = ds.random_map(sampler, seed=(seed + 1) % 2**32)
   ds = ds.batch(batch_size, drop_remainder=train)
   return to_iter_dataset(ds, data_cfg)
 
