@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -326,6 +327,9 @@ def _json_default(obj):
   raise TypeError(f"meta.json: cannot serialise {type(obj).__name__}: {obj!r}")
 
 
+_OPEN_LOCK = threading.Lock()
+
+
 class TfdsSplitSource:
   """Random-access split of a dataset directory's TFDS ArrayRecord files.
 
@@ -342,7 +346,13 @@ class TfdsSplitSource:
     self._len = None
 
   def _open(self):
-    if self._source is None:
+    if self._source is not None:
+      return self._source
+    # One opener at a time: grain's prefetch threads call this concurrently, and two threads
+    # importing tensorflow_datasets (lazy etils modules) at once deadlock on Python 3.11.
+    with _OPEN_LOCK:
+      if self._source is not None:
+        return self._source
       import tensorflow_datasets as tfds
 
       tfds_dir = os.path.join(self.path, "tfds", self.builder_name, self.builder_version)
