@@ -4,6 +4,7 @@ from boldjax.tasks import (
   autoencoder,  # noqa: F401  (registers "autoencoder")
   csm,  # noqa: F401  (registers "csm")
   decode,  # noqa: F401  (registers "decode")
+  dino,  # noqa: F401  (registers "dino")
   net_bert,  # noqa: F401  (registers "net_bert")
   next_patch,  # noqa: F401  (registers "next_patch")
   seq_bert,  # noqa: F401  (registers "seq_bert")

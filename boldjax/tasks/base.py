@@ -45,9 +45,14 @@ class Task(abc.ABC):
     del params, step
     return extra
 
+  def feature_params(self, params: PyTree, extra: PyTree) -> PyTree:
+    """What features() runs on: the params by default; a distilled task's EMA teacher."""
+    del extra
+    return params
+
   @abc.abstractmethod
   def features(self, params: PyTree, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Representations for probes and maps ('cls', 'tokens', ...)."""
+    """Representations for probes and maps ('cls', 'tokens', ...) from feature_params(...)."""
 
   def reference_metrics(self) -> dict[str, float]:
     """Baselines printed next to eval metrics (e.g. a unigram loss); default none."""

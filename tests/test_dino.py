@@ -1,0 +1,121 @@
+"""DINO (Brain-Semantoks) task: EMA teacher, padded-row weights, probe crops, a short run."""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from boldjax.tasks import dino, simdino_objectives
+from configs import dino_small
+
+
+def _task(total_steps: int = 10) -> dino.DinoTask:
+  config = dino_small.get_config("runlocal")
+  config.total_steps = total_steps
+  networks = np.repeat(np.arange(4), 4).astype(np.int32)  # 16 parcels in 4 networks
+  info = types.SimpleNamespace(num_parcels=16, networks=networks, num_networks=4)
+  return dino.DinoTask(config, info)
+
+
+def _batch(task: dino.DinoTask, B: int = 6, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  N, P, L = task.num_networks, task.num_patches, task.crop_length
+  return {
+    "views": rng.standard_normal((B, 2, 16, L)).astype(np.float32),
+    "masks": rng.random((B, 2, N, P)) < 0.5,
+    "valid": np.ones(B, bool),
+  }
+
+
+def test_teacher_is_an_ema_with_the_original_momentum():
+  task = _task(total_steps=10)
+  params, extra = jax.tree.map(jnp.asarray, task.init(jax.random.key(0), _batch(task)))
+  import flax.linen as nn
+
+  params, extra = nn.unbox(params), nn.unbox(extra)
+  moved = jax.tree.map(lambda p: p + 1.0, params)
+  new = task.update_extra(moved, extra, jnp.asarray(4))
+  m = 1 - (1 - 0.99) * (np.cos(np.pi * 3 / 10) + 1) / 2  # pre-increment step 3
+  leaf = lambda t: jax.tree.leaves(t)[0]
+  np.testing.assert_allclose(
+    leaf(new["teacher"]), m * leaf(extra["teacher"]) + (1 - m) * leaf(moved), atol=1e-6
+  )
+  assert int(new["step"]) == 4
+  np.testing.assert_array_equal(leaf(new["buffers"]), leaf(extra["buffers"]))
+
+
+def test_padded_rows_do_not_change_the_losses():
+  """A batch with 2 padding rows (valid=False) gives the losses of the 4 real rows alone."""
+  task = _task()
+  import flax.linen as nn
+
+  batch = _batch(task, B=6)
+  params, extra = nn.unbox(task.init(jax.random.key(1), batch))
+  real = {k: v[:4] for k, v in batch.items()}
+  padded = dict(batch, valid=np.array([1, 1, 1, 1, 0, 0], bool))
+  padded["views"] = batch["views"].copy()
+  padded["views"][4:] = 0.0
+  _, a = task.loss(params, extra, real, jax.random.key(2), train=False)
+  _, b = task.loss(params, extra, padded, jax.random.key(2), train=False)
+  for key in ("cls_loss", "network_mcr_loss", "mask_cosine_loss", "total_loss"):
+    np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=2e-6, err_msg=key)
+
+
+def test_weighted_mcr_equals_mcr_on_the_kept_rows():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 7, 16)).astype(np.float32)
+  x /= np.linalg.norm(x, axis=-1, keepdims=True)
+  y = x + 0.1 * rng.standard_normal(x.shape).astype(np.float32)
+  y /= np.linalg.norm(y, axis=-1, keepdims=True)
+  w = np.array([1, 1, 0, 1, 1, 0, 1], np.float32)
+  keep = w > 0
+  full = simdino_objectives.mcr_loss(x, y, row_weights=w)
+  sub = simdino_objectives.mcr_loss(x[:, keep], y[:, keep])
+  for key in ("loss", "comp", "expa"):
+    np.testing.assert_allclose(full[key], sub[key], rtol=1e-5)
+
+
+def test_probe_crops_resample_a_ramp_exactly():
+  """Sequence batches: a ramp at TR 0.5 s resampled to views_tr=1 s is every other frame."""
+  task = _task()
+  L = task.crop_length  # runlocal: 20 frames at 1 s
+  T = 60
+  ramp = np.arange(T, dtype=np.float32)[:, None] * np.ones((1, 16), np.float32)
+  batch = {
+    "bold": ramp[None],
+    "mask": (np.arange(T) < 50)[None],
+    "tr": np.array([0.5], np.float32),
+  }
+  task.probe_crops = 3
+  crops = np.asarray(task._crops(batch))  # (1, 3, 16, L)
+  n = 25  # 50 frames x 0.5 s / 1 s
+  starts = np.floor(np.linspace(0, 1, 3) * (n - L)).astype(int)
+  for k, s in enumerate(starts):
+    np.testing.assert_allclose(crops[0, k, 0], 2.0 * (s + np.arange(L)), atol=1e-5)
+  # A window shorter than a crop is zero-padded after its last resampled frame.
+  batch["mask"] = (np.arange(T) < 20)[None]
+  crops = np.asarray(task._crops(batch))
+  np.testing.assert_allclose(crops[0, 0, 0, :10], 2.0 * np.arange(10), atol=1e-5)
+  np.testing.assert_array_equal(crops[0, 0, 0, 10:], 0.0)
+
+
+@pytest.mark.slow
+def test_dino_runlocal_trains_and_loss_falls(tmp_path):
+  from boldjax import train
+
+  config = dino_small.get_config("runlocal")
+  config.total_steps = 40
+  config.log_every = 10
+  config.evals.val.every_steps = 40
+  out = train.run(config, str(tmp_path / "dino"))
+  import json
+
+  rows = [json.loads(x) for x in open(tmp_path / "dino" / "metrics.jsonl")]
+  losses = [r["train/cls_loss"] for r in rows if "train/cls_loss" in r]
+  assert losses[-1] < losses[0], losses
+  assert out["val/effective_rank"] > 1.5  # not collapsed
+  assert out["val/teacher_feature_std"] > 0.01
