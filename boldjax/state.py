@@ -41,12 +41,15 @@ def make_state_spec(task, tx: optax.GradientTransformation, example, rng, mesh: 
   boxed = jax.eval_shape(task.init, rng, example)
   params_sh = sharding.tree_shardings(boxed[0], mesh, rules)
   extra_sh = sharding.tree_shardings(boxed[1], mesh, rules)
+  # Frozen params (optax.multi_transform) leave MaskedNode placeholders in the state.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
   opt_sh = optax.tree_map_params(
     tx,
-    lambda _, s: s,
+    lambda v, s: v if masked(v) else s,
     jax.eval_shape(tx.init, strip_boxes(boxed[0])),
     params_sh,
     transform_non_params=lambda _: sharding.replicated(mesh),
+    is_leaf=masked,
   )
   shardings = TrainState(
     step=sharding.replicated(mesh), params=params_sh, opt_state=opt_sh, extra=extra_sh

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import types
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -268,6 +269,42 @@ def test_decode_freeze_and_load_pretrained(monkeypatch):
   fake.config.task.name = "autoencoder"
   with pytest.raises(ValueError, match="init_from"):
     task.load_pretrained(params)
+
+
+def test_frozen_train_state_builds_and_keeps_the_backbone():
+  """The sharded TrainState of a frozen run (optax MaskedNode slots) builds and steps."""
+  from boldjax import optim, sharding, state
+
+  task, params, extra, batch = build("decode", backbone="csm", freeze=True)
+  cfg = ml_collections.ConfigDict(
+    dict(
+      lr=1e-2,
+      b1=0.9,
+      b2=0.9,
+      eps=1e-8,
+      weight_decay=0.1,
+      clip_norm=1.0,
+      warmup_steps=0,
+      warmup_init=1.0,
+      min_lr_ratio=1.0,
+      accum_steps=1,
+      no_decay=(),
+    )
+  )
+  example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  tx, _ = optim.make_optimizer(cfg, 10, state.trainable_mask(task, example))
+  mesh = sharding.make_mesh((("data", 1), ("fsdp", 1), ("tensor", 1)), jax.devices()[:1])
+  rules = sharding.logical_rules(())
+  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
+    spec = state.make_state_spec(task, tx, example, jax.random.key(0), mesh, rules)
+    s0 = spec.init(jax.random.key(0))
+  grads = jax.grad(lambda p: task.loss(p, s0.extra, batch, jax.random.key(1))[0])(s0.params)
+  updates, _ = tx.update(grads, s0.opt_state, s0.params)
+  new = optax.apply_updates(s0.params, updates)
+  np.testing.assert_array_equal(
+    new["embedder"]["wt_re"]["embedding"], s0.params["embedder"]["wt_re"]["embedding"]
+  )
+  assert not np.allclose(new["decoding_head"]["kernel"], s0.params["decoding_head"]["kernel"])
 
 
 def test_bad_inputs_name_the_field():
