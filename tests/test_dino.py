@@ -119,3 +119,15 @@ def test_dino_runlocal_trains_and_loss_falls(tmp_path):
   assert losses[-1] < losses[0], losses
   assert out["val/effective_rank"] > 1.5  # not collapsed
   assert out["val/teacher_feature_std"] > 0.01
+
+
+def test_effective_rank_is_the_participation_ratio():
+  rng = np.random.default_rng(0)
+  ones = jnp.ones(4000)
+  iso = rng.standard_normal((4000, 8)).astype(np.float32)
+  assert float(dino.effective_rank(jnp.asarray(iso), ones)) == pytest.approx(8.0, rel=0.02)
+  line = np.outer(rng.standard_normal(4000), rng.standard_normal(8)).astype(np.float32)
+  assert float(dino.effective_rank(jnp.asarray(line), ones)) == pytest.approx(1.0, rel=1e-4)
+  # eigenvalues (4, 1): (4 + 1)^2 / (16 + 1)
+  two = iso[:, :2] * np.array([2.0, 1.0], np.float32)
+  assert float(dino.effective_rank(jnp.asarray(two), ones)) == pytest.approx(25 / 17, rel=0.03)

@@ -17,8 +17,8 @@ Evaluation batches always apply the masks, so val/mask_loss is measured on every
 
 Collapse monitors (every train log and eval): teacher_feature_std = mean over dimensions of
 the std across the batch of the L2-normalised teacher CLS head output (collapse -> 0;
-uniform on the sphere -> 1/sqrt(p)), and effective_rank = exp(entropy of the normalised
-singular values) of the centred teacher CLS embeddings (collapse -> 1).
+uniform on the sphere -> 1/sqrt(p)), and effective_rank = the participation ratio of the
+covariance spectrum of the teacher CLS embeddings (collapse -> 1).
 
 features() runs the teacher (the original probes the teacher) on views-mode batches or on
 sequence batches (bold (B, T, R), t_sec, mask: the decode-mode examples the sequence models
@@ -42,12 +42,19 @@ from boldjax.tasks.base import PyTree, Task, row_weights
 
 
 def effective_rank(x: jax.Array, weights: jax.Array) -> jax.Array:
-  """exp(H(s / sum s)) of the singular values of the weighted-centred rows of x (m, d)."""
+  """Participation ratio (sum l)^2 / sum l^2 of the eigenvalues l of the weighted covariance
+  of the rows of x (m, d): 1 when collapsed to a line, d when isotropic.
+
+  Computed from traces (tr C = sum l, ||C||_F^2 = sum l^2), without an eigen/SVD call: jaxlib's
+  CPU LAPACK kernels can deadlock on a 2-thread pool when two run at once (see
+  simdino_objectives._half_logdets).
+  """
   w = weights[:, None]
-  mean = jnp.sum(x * w, axis=0) / jnp.maximum(jnp.sum(w), 1.0)
-  s = jnp.linalg.svd((x - mean) * w, compute_uv=False)
-  p = s / jnp.maximum(jnp.sum(s), 1e-12)
-  return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0)))
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  mean = jnp.sum(x * w, axis=0) / n
+  xc = (x - mean) * jnp.sqrt(w)
+  gram = xc @ xc.T / n  # (m, m): same non-zero eigenvalues as the covariance
+  return jnp.trace(gram) ** 2 / jnp.maximum(jnp.sum(gram * gram), 1e-30)
 
 
 def weighted_feature_std(x: jax.Array, weights: jax.Array) -> jax.Array:

@@ -35,18 +35,13 @@ def _float(x: Any) -> jax.Array:
   return jnp.asarray(x).astype(jnp.result_type(float))
 
 
-def mcr_loss(
+def _coding_rate_parts(
   student: jax.Array,
   teacher: jax.Array,
-  eps: float = 0.05,
-  coeff: float = 1.0,
-  row_weights: jax.Array | None = None,
-) -> dict[str, jax.Array]:
-  """MCRLoss(expa_type=1, no_diag=True) on student (V_s, m, p) and teacher (V_t, m, p).
-
-  row_weights (m,) of 0/1: rows with 0 (eval padding) are left out, m = their sum.
-  Returns loss, comp, expa (float32 scalars).
-  """
+  eps: float,
+  row_weights: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(comp, the (V_t, p, p) matrices I + p/(m eps) Z^T Z, expa's factor (p + m) / (p m))."""
   s = jnp.asarray(student, jnp.float32)
   t = jnp.asarray(teacher, jnp.float32)
   if s.ndim != 3 or t.ndim != 3 or s.shape[1:] != t.shape[1:] or s.shape[0] < t.shape[0]:
@@ -66,9 +61,34 @@ def mcr_loss(
   z = (s[:vt] + t) / 2
   cov = jnp.einsum("nbc,nbd->ncd", z, z)
   mat = jnp.eye(p, dtype=jnp.float32)[None] + (p / (m * eps)) * cov
-  chol = jnp.linalg.cholesky(mat)
-  half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
-  expa = jnp.mean(half_logdet) * (p + m) / (p * m)
+  return comp, mat, (p + m) / (p * m)
+
+
+def _half_logdets(mats: jax.Array) -> jax.Array:
+  """1/2 logdet of SPD matrices (n, p, p) by ONE batched Cholesky.
+
+  One call on purpose: jaxlib's CPU Cholesky spreads its batch over the intra-op thread pool
+  and waits for it, so two Cholesky thunks running at once on a 2-thread pool (2 cores)
+  deadlock (seen with jax 0.10.2). Callers put every matrix of a step into one batch.
+  """
+  chol = jnp.linalg.cholesky(mats)
+  return jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+
+
+def mcr_loss(
+  student: jax.Array,
+  teacher: jax.Array,
+  eps: float = 0.05,
+  coeff: float = 1.0,
+  row_weights: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+  """MCRLoss(expa_type=1, no_diag=True) on student (V_s, m, p) and teacher (V_t, m, p).
+
+  row_weights (m,) of 0/1: rows with 0 (eval padding) are left out, m = their sum.
+  Returns loss, comp, expa (float32 scalars).
+  """
+  comp, mat, factor = _coding_rate_parts(student, teacher, eps, row_weights)
+  expa = jnp.mean(_half_logdets(mat)) * factor
   return {"loss": -coeff * comp - expa, "comp": comp, "expa": expa}
 
 
@@ -128,7 +148,6 @@ def simdino_losses(
   always (for logging) and weighted by network_loss_weight (0 switches it off).
   row_weights (B,) of 0/1 leaves padded evaluation rows out of every term.
   """
-  cls = mcr_loss(student["cls"], teacher["cls"], eps, coeff, row_weights)
   V = student["net"].shape[0]
   s_net = jnp.reshape(student["net"], (V, -1, student["net"].shape[-1]))
   t_net = jnp.reshape(teacher["net"], (teacher["net"].shape[0], -1, teacher["net"].shape[-1]))
@@ -136,7 +155,16 @@ def simdino_losses(
   if row_weights is not None:
     num_networks = student["net"].shape[2]
     net_weights = jnp.repeat(jnp.asarray(row_weights, jnp.float32), num_networks)
-  net = mcr_loss(s_net, t_net, eps, coeff, net_weights)
+  # Both coding rates' log-dets in one Cholesky call (see _half_logdets).
+  cls_comp, cls_mat, cls_factor = _coding_rate_parts(
+    student["cls"], teacher["cls"], eps, row_weights
+  )
+  net_comp, net_mat, net_factor = _coding_rate_parts(s_net, t_net, eps, net_weights)
+  logdets = _half_logdets(jnp.concatenate([cls_mat, net_mat]))
+  cls_expa = jnp.mean(logdets[: cls_mat.shape[0]]) * cls_factor
+  net_expa = jnp.mean(logdets[cls_mat.shape[0] :]) * net_factor
+  cls = {"loss": -coeff * cls_comp - cls_expa, "comp": cls_comp, "expa": cls_expa}
+  net = {"loss": -coeff * net_comp - net_expa, "comp": net_comp, "expa": net_expa}
   w_net = jnp.asarray(network_loss_weight, jnp.float32)
   network_loss = jnp.where(w_net > 0, net["loss"] * w_net, 0.0)  # the original skips w <= 0
   if masks is None or mask_loss_weight == 0:
