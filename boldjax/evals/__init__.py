@@ -1,1 +1,4 @@
-from boldjax.evals import loss  # noqa: F401  (registers the "loss" evaluator)
+from boldjax.evals import (
+  loss,  # noqa: F401  (registers the "loss" evaluator)
+  probe_evaluator,  # noqa: F401  (registers the "probe" evaluator and the label sources)
+)

@@ -132,7 +132,8 @@ class LfbTask(Task):
   def features(self, params: PyTree, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """cls (B, D): the hidden state the decoding head pools (GPT: CLS after the last frame;
     BERT: index 0 as the original; LSTM: encoder hidden); pooled (B, D): after the pooler;
-    mean (B, D): mean hidden state over the real frames."""
+    mean (B, D): mean hidden state over the real frames; tokens (B, T, D) + token_mask
+    (B, T): the per-frame hidden states (for the attentive probe; padding frames masked)."""
     x, t, mask, _ = self._frames(batch)
     out = self.model.apply({"params": params}, x, t, mask, method="encode")
     h = out["hidden_states"]
@@ -142,9 +143,13 @@ class LfbTask(Task):
       cls = jnp.take_along_axis(h, out["cls_index"][:, None, None], axis=1)[:, 0]
       if self.model.architecture == "bert":
         cls = h[:, 0]
+    T = mask.shape[1]
     m = mask.astype(h.dtype)[..., None]
-    mean = jnp.sum(h[:, : mask.shape[1]] * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-    return {"cls": cls, "pooled": out["pooler_outputs"], "mean": mean}
+    mean = jnp.sum(h[:, :T] * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    feats = {"cls": cls, "pooled": out["pooler_outputs"], "mean": mean}
+    if h.ndim == 3 and h.shape[1] >= T:
+      feats["tokens"], feats["token_mask"] = h[:, :T], mask
+    return feats
 
 
 def draw_masking_i(rng: jax.Array, length: jax.Array) -> jax.Array:

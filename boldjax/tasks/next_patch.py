@@ -183,12 +183,14 @@ class NextPatchTask(Task):
 
   def features(self, params: PyTree, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """cls (B, D): last position (seen the whole map); mean (B, D); tokens (B, N, D) put
-    back in the layout's canonical patch order (undoing batch['order'])."""
+    back in the layout's canonical patch order (undoing batch['order']); token_mask (B, N):
+    all True (every layout patch touches the cortex mask)."""
     patches, subject, order = self._inputs(batch)
     feats = self.model.apply({"params": params}, patches, subject, order, method="features")
     if batch.get("order") is not None:
       ranking = jnp.argsort(batch["order"], axis=1)
       feats["tokens"] = jnp.take_along_axis(feats["tokens"], ranking[..., None], axis=1)
+    feats["token_mask"] = jnp.ones(feats["tokens"].shape[:2], bool)
     return feats
 
   def reference_metrics(self) -> dict[str, float]:

@@ -1,0 +1,286 @@
+"""The probe benchmark of a run (features x protocols x baselines), shared by
+`python -m boldjax.evaluate` and the periodic evaluator "probe" of config.evals.
+
+  config.evals.probe = {"type": "probe", "every_steps": 500, "labels": "auto",
+                        "protocols": ("logistic",), "features": (), "repeats": 1}
+
+The periodic evaluator probes the model's current features only (no baselines) and yields
+"<name>/<row>/<protocol>" -> mean test balanced accuracy over the repeats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from boldjax import registry
+from boldjax.evals import baselines, features, probes
+
+BASELINES = ("fc", "identity", "random_init")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """What to probe and how (the CLI flags / the evaluator's config fields)."""
+
+  labels: str = "auto"
+  protocols: tuple[str, ...] = ("linear", "logistic", "attentive", "mlp")
+  features: tuple[str, ...] = ()  # () = every (B, F) output of features() plus 'cls'
+  baselines: tuple[str, ...] = BASELINES
+  repeats: int = 3
+  seed: int = 0
+  val_fraction: float = 0.2
+  test_fraction: float = 0.2
+  split_by: str = "subject"  # or "example" (leaks subjects; for data with < 3 subjects)
+  crops: int = 1
+  crop_frames: int = 0
+  max_per_subject: int | None = None
+  batch_size: int = 64
+  probe: probes.ProbeOptions = probes.ProbeOptions()
+
+
+def check_settings(s: EvalSettings) -> None:
+  bad = [p for p in s.protocols if p not in probes.PROTOCOLS]
+  if bad or not s.protocols:
+    raise ValueError(
+      f"--protocol: expected some of {sorted(probes.PROTOCOLS)}, found {list(s.protocols)}"
+    )
+  bad = [b for b in s.baselines if b not in BASELINES]
+  if bad:
+    raise ValueError(f"--baselines: expected some of {list(BASELINES)}, found {bad}")
+  if s.split_by not in ("subject", "example"):
+    raise ValueError(f"--split_by: expected 'subject' or 'example', found {s.split_by!r}")
+  if s.repeats < 1:
+    raise ValueError(f"--repeats: expected >= 1, found {s.repeats}")
+
+
+def model_rows(prefix: str, feats: dict[str, np.ndarray]) -> list[probes.FeatureRow]:
+  """One row per vector feature, plus a tokens row for the attentive probe."""
+  rows = [
+    probes.FeatureRow(f"{prefix}{k}", "vector", feats[k])
+    for k in sorted(feats)
+    if k not in ("tokens", "token_mask")
+  ]
+  if "tokens" in feats:
+    rows.append(
+      probes.FeatureRow(f"{prefix}tokens", "tokens", (feats["tokens"], feats["token_mask"]))
+    )
+  return rows
+
+
+def evaluate_run(
+  run: Any,
+  settings: EvalSettings,
+  *,
+  examples: features.ExampleSet | None = None,
+  params: Any = None,
+  log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+  """Features of `run` (a workdir.LoadedRun or anything with config/info/task/state/mesh/
+  rules/step) and its baselines, probed on repeated subject splits -> a JSON-able dict."""
+  check_settings(settings)
+  t0 = time.perf_counter()
+  if examples is None:
+    examples = features.load_examples(
+      run.config, run.info, settings.labels, crops=settings.crops,
+      crop_frames=settings.crop_frames, max_per_subject=settings.max_per_subject,
+      seed=settings.seed,
+    )  # fmt: skip
+  if params is None:
+    params = features.feature_params(run.task, run.state.params, run.state.extra)
+  want_tokens = "attentive" in settings.protocols
+  extract = dict(
+    mesh=run.mesh, rules=run.rules, batch_size=settings.batch_size,
+    keys=tuple(settings.features) or None, tokens=want_tokens, log=log,
+  )  # fmt: skip
+  rows = model_rows("", features.extract_features(run.task, params, examples, **extract))
+  if "random_init" in settings.baselines:
+    fresh, extra = baselines.random_init_params(run, settings.seed + 1000)
+    fresh = features.feature_params(run.task, fresh, extra)
+    feats = features.extract_features(run.task, fresh, examples, label="random init", **extract)
+    rows += model_rows("random_init/", feats)
+  if "fc" in settings.baselines:
+    fc, why = baselines.fc_or_reason(examples)
+    rows.append(probes.FeatureRow("fc", "vector", fc, why))
+  if "identity" in settings.baselines:
+    rows.append(probes.FeatureRow("identity", "vector", baselines.identity_features(examples)))
+  if settings.split_by == "subject":
+    groups = examples.subjects
+  else:
+    groups = np.arange(examples.num_examples)
+  if log is not None:
+    log(
+      f"[boldjax.evaluate] {examples.num_examples} examples ({examples.unit}s, "
+      f"{examples.num_crops} crop(s)) of {len(np.unique(examples.subjects))} subjects, "
+      f"labels {examples.label_name!r} ({len(np.unique(examples.labels))} classes); "
+      f"{len(rows)} rows x {len(settings.protocols)} protocols x {settings.repeats} splits"
+    )
+  bench = probes.run_benchmark(
+    rows, examples.labels, groups, protocols=settings.protocols, repeats=settings.repeats,
+    seed=settings.seed, val_fraction=settings.val_fraction,
+    test_fraction=settings.test_fraction, options=settings.probe, log=log,
+  )  # fmt: skip
+  names = [examples.class_names[c] for c in bench["classes"]]
+  for split in bench["splits"]:
+    counts = {k: len(v) for k, v in split["subjects"].items()}
+    split["num_subjects" if settings.split_by == "subject" else "num_groups"] = counts
+    if settings.split_by == "example":  # report the subjects each split still contains
+      idx = {k: np.asarray(v) for k, v in split["subjects"].items()}
+      split["num_subjects"] = {k: len(np.unique(examples.subjects[v])) for k, v in idx.items()}
+      del split["subjects"]
+  return {
+    "workdir": getattr(run, "workdir", None),
+    "step": int(run.step),
+    "task": str(run.config.task.name),
+    "data": {"kind": examples.kind, "source": str(run.config.data.source)},
+    "labels": examples.label_name,
+    "unit": examples.unit,
+    "class_names": names,
+    "num_examples": int(examples.num_examples),
+    "num_crops": int(examples.num_crops),
+    "num_subjects": int(len(np.unique(examples.subjects))),
+    "subject_names": list(examples.subject_names),
+    "split_by": settings.split_by,
+    "protocols": list(settings.protocols),
+    "settings": _jsonable(dataclasses.asdict(settings)),
+    "seconds": time.perf_counter() - t0,
+    **bench,
+  }
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, list | tuple):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return x
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """Markdown: rows = features/baselines, columns = protocols ("mean +- sd" of the test
+  balanced accuracy over the repeats, "n/a (k)" with the reasons below)."""
+  protocols = results["protocols"]
+  lines = [
+    "| features | " + " | ".join(protocols) + " |",
+    "|---|" + "---|" * len(protocols),
+  ]
+  reasons: list[str] = []
+  for row, cells in results["rows"].items():
+    out = []
+    for p in protocols:
+      cell = cells[p]
+      if "na" in cell:
+        if cell["na"] not in reasons:
+          reasons.append(cell["na"])
+        out.append(f"n/a ({reasons.index(cell['na']) + 1})")
+      else:
+        out.append(f"{cell['mean']:.3f} +- {cell['sd']:.3f}")
+    lines.append(f"| {row} | " + " | ".join(out) + " |")
+  splits = results["splits"]
+  counts = sorted({tuple(s["num_subjects"][k] for k in ("train", "val", "test")) for s in splits})
+  n_sub = ", ".join("/".join(map(str, c)) for c in counts)
+  held_out = "subjects" if results["split_by"] == "subject" else "examples"
+  lines += [
+    "",
+    f"Balanced accuracy on held-out test {held_out}, "
+    f"mean +- sd over {len(splits)} split(s) (seeds {splits[0]['seed']}..{splits[-1]['seed']}); "
+    f"chance {results['chance']:.3f} ({results['num_classes']} classes, labels "
+    f"{results['labels']!r}).",
+    f"Subjects train/val/test: {n_sub} (of {results['num_subjects']}); "
+    f"{results['num_examples']} examples ({results['unit']}s, {results['num_crops']} crop(s) "
+    "each); "
+    f"task {results['task']} at step {results['step']}.",
+  ]
+  if results["split_by"] == "example":
+    lines.append("WARNING: split by example: subjects appear in train and test.")
+  lines += [f"n/a ({i + 1}): {r}" for i, r in enumerate(reasons)]
+  return "\n".join(lines)
+
+
+def write_json(results: dict[str, Any], workdir: str, path: str | None = None) -> str:
+  """WORKDIR/eval/probe_<labels>_step<step>.json (or `path`); returns the path."""
+  if path is None:
+    stem = os.path.splitext(str(results["labels"]))[0].replace(os.sep, "_")
+    path = os.path.join(workdir, "eval", f"probe_{stem}_step{results['step']}.json")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(_jsonable(results), f, indent=2)
+  os.replace(tmp, path)
+  return path
+
+
+def settings_from_config(cfg: ml_collections.ConfigDict) -> EvalSettings:
+  """EvalSettings from an evaluator config (unknown fields are an error)."""
+  known = {f.name for f in dataclasses.fields(EvalSettings)} - {"probe"}
+  fields = {k: v for k, v in cfg.items() if k not in ("type", "every_steps")}
+  probe_fields = {f.name for f in dataclasses.fields(probes.ProbeOptions)}
+  unknown = sorted(set(fields) - known - probe_fields)
+  if unknown:
+    raise KeyError(
+      f"config.evals.<probe>: unknown fields {unknown}; known: "
+      f"{sorted(known | probe_fields | {'type', 'every_steps'})}"
+    )
+  base = {"protocols": ("logistic",), "baselines": (), "repeats": 1}
+  main = {
+    k: tuple(v) if isinstance(v, list | tuple) else v for k, v in fields.items() if k in known
+  }
+  opts = {
+    k: tuple(v) if isinstance(v, list | tuple) else v
+    for k, v in fields.items()
+    if k in probe_fields
+  }
+  return EvalSettings(**{**base, **main}, probe=probes.ProbeOptions(**opts))
+
+
+@registry.register("evaluator", "probe")
+class ProbeEvaluator:
+  """Probes the current params' features every `every_steps` (examples loaded once)."""
+
+  def __init__(self, name: str, cfg: ml_collections.ConfigDict, *, task, info, config, mesh, rules):
+    self.name = name
+    self.every_steps = cfg.every_steps
+    self.settings = settings_from_config(cfg)
+    check_settings(self.settings)
+    self._task, self._info, self._config = task, info, config
+    self._mesh, self._rules = mesh, rules
+    self._examples: features.ExampleSet | None = None
+
+  def run(self, state, step: int) -> Iterator[tuple[str, float]]:
+    s = self.settings
+    if self._examples is None:
+      self._examples = features.load_examples(
+        self._config, self._info, s.labels, crops=s.crops, crop_frames=s.crop_frames,
+        max_per_subject=s.max_per_subject, seed=s.seed,
+      )  # fmt: skip
+    run = _RunView(self._config, self._info, self._task, state, int(step), self._mesh, self._rules)
+    results = evaluate_run(run, s, examples=self._examples, log=None)
+    for row, cells in results["rows"].items():
+      for protocol, cell in cells.items():
+        if "mean" in cell:
+          yield f"{self.name}/{row}/{protocol}", cell["mean"]
+    yield f"{self.name}/chance", results["chance"]
+
+
+@dataclasses.dataclass
+class _RunView:
+  """The fields of workdir.LoadedRun that evaluate_run reads, for a run in progress."""
+
+  config: Any
+  info: Any
+  task: Any
+  state: Any
+  step: int
+  mesh: Any
+  rules: Any
