@@ -7,7 +7,7 @@ The original (config/example_config.yaml): 457 ROIs in 9 networks, TR 2 s, crops
 in 5 patches of 20, D=768, depth 8, tokenizer branches 384+384, head 1024 -> 128, batch 512,
 100 epochs. Here, on the synthetic parcellated default (64 MMP parcels in the 7 Yeo
 networks, TRs 0.72-2 s): runs resampled to 1 s, crops of 20 s in 5 patches of 4 s (so that
-the 16 s task blocks the probe decodes fit in one crop), D=192 in depth 2. The recipe keeps
+the 16 s task blocks the probe decodes fit in one crop), D=128 in depth 2, 1000 steps. The recipe keeps
 the original's schedules: lr 7e-4 * B / 256 with warmup from 0 (3% of the run) then cosine
 to 0, weight decay 0.05 -> 0.3 on every parameter, EMA momentum 0.99 -> 1, network-loss
 weight 0.5 cosine-decayed to 0 over the first 5% of the run, mask loss 0.5 on half the
@@ -22,8 +22,8 @@ from configs.lfb_common import base_config
 def get_config(arg=None):
   c, arg = base_config("dino", arg)
   c.name = "dino_small"
-  c.total_steps = 1500 if not arg.runlocal else 6
-  c.checkpoint_every = 500 if not arg.runlocal else 2
+  c.total_steps = 1000 if not arg.runlocal else 6
+  c.checkpoint_every = 250 if not arg.runlocal else 2
 
   d = c.data
   d.mode = "views"
@@ -37,9 +37,9 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "semantoks"
-  c.model.embed_dim = 192 if not arg.runlocal else 32
+  c.model.embed_dim = 128 if not arg.runlocal else 32
   c.model.depth = 2 if not arg.runlocal else 1
-  c.model.num_heads = 3 if not arg.runlocal else 1
+  c.model.num_heads = 2 if not arg.runlocal else 1  # head dim 64, as main.py forces
   c.model.mlp_dim = 4 * c.model.embed_dim
   c.model.layer_scale_init = 0.1
   half = c.model.embed_dim // 2
