@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from boldjax.convert.tree import get_path, set_path
+
 STYLES = {"CSM": "csm", "BERT": "bert", "NetBERT": "netbert", "autoencoder": "autoencoder"}
 IGNORED = (
   re.compile(r"decoder\.transformer\.wte\.weight"),
@@ -238,18 +240,6 @@ def infer_structure(sd: Mapping[str, Any], source: str = "state_dict") -> dict[s
   )
 
 
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
-def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
 def convert_lfb(
   state_dict: Mapping[str, Any], *, num_heads: int, source: str = "state_dict"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -283,7 +273,7 @@ def convert_lfb(
     )
   params: dict[str, Any] = {}
   for name, path, fwd, _ in rules:
-    _set(params, path, _f32(fwd(sd[name.split("#")[0]])))
+    set_path(params, path, _f32(fwd(sd[name.split("#")[0]])))
   return params, st
 
 
@@ -303,7 +293,7 @@ def params_to_torch(params: Mapping[str, Any], structure: Mapping[str, Any], num
   out: dict[str, np.ndarray] = {}
   packed: dict[str, list[np.ndarray]] = {}
   for name, path, _, inv in rules:
-    value = np.asarray(_get(params, path))
+    value = np.asarray(get_path(params, path))
     if inv is None:  # GPT-2 c_attn: concatenate q | k | v along the output axis
       base, j = name.split("#")
       flat = value.reshape(value.shape[0], -1) if value.ndim == 3 else value.reshape(-1)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from boldjax.convert.tree import get_path, set_path
 from boldjax.models import semantoks as sm
 
 Rule = tuple[str, tuple[str, ...], Callable[[np.ndarray], np.ndarray], Callable[..., np.ndarray]]
@@ -186,18 +187,6 @@ def head_rules(prefix: str, nlayers: int) -> list[Rule]:
   return [r for i in range(n) for r in _linear(f"{prefix}.mlp.{2 * i}", (f"linear_{i}",))]
 
 
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
-def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
 def _flat_shapes(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict:
   out = {}
   for k, v in tree.items():
@@ -273,7 +262,7 @@ def semantoks_params(
             f"{source}: {base}: expected shape {want.get(path)} for {coll} "
             f"{'/'.join(path)}, found {value.shape}"
           )
-        _set(tree[coll].setdefault(part, {}), path, value)
+        set_path(tree[coll].setdefault(part, {}), path, value)
         used.add(base)
       missing_paths = sorted(set(want) - {r[1] for r in rules})
       if missing_paths:
@@ -355,7 +344,7 @@ def params_to_torch(
   packed: dict[str, list[Any]] = {}
   for part, rules in (("encoder", p_rules), ("head", h_rules)):
     for name, path, _, inv in rules:
-      value = np.asarray(_get(params[part], path))
+      value = np.asarray(get_path(params[part], path))
       if inv is None:  # qkv: (D, heads, hd) kernels -> rows of one (3D, D) weight
         base, j = name.split("#")
         packed.setdefault(base, [None] * 3)[int(j)] = value.reshape(value.shape[0], -1).T

@@ -507,13 +507,7 @@ def mlp_probe(
   capacity: int | None = None,
 ) -> ProbeResult:
   """BatchNorm + 1-hidden-layer MLP, AdamW, LR grid."""
-  m = _samples(data["train"][0])
-  capacity = max(m, capacity or m)
-  batches = _stream_batches(m, options.head_batch, options.head_steps, np.random.default_rng(seed))
-  head = MlpHead(num_classes, options.mlp_hidden)
-  return _fit_select(
-    head, "adamw", options.head_lrs, options.head_weight_decay, data, batches, seed, capacity
-  )
+  return _adamw_probe(MlpHead(num_classes, options.mlp_hidden), data, seed, options, capacity)
 
 
 def attentive_probe(
@@ -524,10 +518,21 @@ def attentive_probe(
   capacity: int | None = None,
 ) -> ProbeResult:
   """One-query multi-head attention pooling over tokens ((n, K, N, D), (n, K, N))."""
+  head = AttentiveHead(num_classes, options.attentive_heads)
+  return _adamw_probe(head, data, seed, options, capacity)
+
+
+def _adamw_probe(
+  head: Any,
+  data: dict[str, Split],
+  seed: int,
+  options: ProbeOptions,
+  capacity: int | None,
+) -> ProbeResult:
+  """The learned heads' recipe: shuffled minibatch stream, AdamW, LR grid picked on val."""
   m = _samples(data["train"][0])
   capacity = max(m, capacity or m)
   batches = _stream_batches(m, options.head_batch, options.head_steps, np.random.default_rng(seed))
-  head = AttentiveHead(num_classes, options.attentive_heads)
   return _fit_select(
     head, "adamw", options.head_lrs, options.head_weight_decay, data, batches, seed, capacity
   )
