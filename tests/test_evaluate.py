@@ -277,3 +277,12 @@ def test_evaluate_cli_on_a_tiny_patch_gpt_run(tmp_path, capsys):
   assert results["num_examples"] == 240 and results["chance"] == pytest.approx(1 / 8)
   assert f"n/a (3): {baselines.FC_NA}" in printed
   print(printed)
+
+
+def test_run_task_label_source_labels_rest_and_task_runs():
+  from boldjax import registry
+
+  source = registry.get("labels", "task")
+  labels, names = source.label({"task": np.array(["task", "rest", "task"])}, [])
+  assert names == ["rest", "task"] and labels.tolist() == [1, 0, 1]
+  assert source.unit == "run"

@@ -59,6 +59,23 @@ registry.register("labels", "state")(
     "mental state of each task block (decode mode), or a record-level label",
   )
 )
+
+
+def _run_task_labels(cols: dict[str, np.ndarray], class_names: list[str]):
+  del class_names
+  names = sorted({str(t) for t in cols["task"]})
+  return np.asarray([names.index(str(t)) for t in cols["task"]], np.int64), names
+
+
+registry.register("labels", "task")(
+  LabelSource(
+    "task",
+    ("parcellated",),
+    "run",
+    _run_task_labels,
+    "the run's task name (synthetic: rest vs task), one example per run (Semantoks-style)",
+  )
+)
 registry.register("labels", "stimulus")(
   LabelSource("stimulus", ("flat",), "map", _dataset_labels, "stimulus class of each flat map")
 )
@@ -247,6 +264,7 @@ def parcellated_examples(
     "subject": np.array([names[s] if s < len(names) else str(s) for s in sid]),
     "subject_id": sid,
     "run": np.array([index[c[0]].get("run", [""] * (c[1] + 1))[c[1]] for c in cand]),
+    "task": np.array([index[c[0]].get("task", [""] * (c[1] + 1))[c[1]] for c in cand]),
     "label": np.array([c[4] for c in cand], np.int64),
   }
   labels, class_names = source.label(cols, list(info.class_names))
