@@ -1,0 +1,170 @@
+"""Pretrained vs from-scratch decoding with few training subjects (the original's Fig. 5).
+
+  python -m launch.few_subject_decoding --out=runs/fig5 --subjects=1,2,4 --seeds=0,1,2
+
+1. pretrains one CSM GPT run (configs/csm_gpt.py) on every training subject, or reuses
+   --pretrained=WORKDIR (a finished run on the same synthetic data);
+2. for each number of training subjects n and each seed, trains configs/decode.py twice with
+   the same steps, seed and subject draw (data.split_seed = seed): from scratch and
+   initialised from the pretrained run;
+3. prints a markdown table of held-out-subject balanced accuracy (mean +- sd over seeds, with
+   chance) at every evaluation step, and writes results.json + fig5.png under --out.
+
+Every run is an ordinary workdir (re-running resumes/reuses finished runs). --set applies
+config overrides to every run (e.g. --set=data.synthetic.noise_scale=1.0), so pretraining and
+decoding always see the same synthetic data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", "runs/fig5", "Directory of every run and the results.")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "Existing CSM workdir (skips pretraining).")
+_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 1000, "CSM pretraining steps.")
+_SUBJECTS = flags.DEFINE_list("subjects", ["1", "2", "4"], "Numbers of training subjects.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (init, data order, subject draw).")
+_STEPS = flags.DEFINE_integer("steps", 300, "Decoding steps, the same for both arms.")
+_EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out evaluation interval.")
+_SPLIT = flags.DEFINE_string("split", "test", "Held-out split to report.")
+_SET = flags.DEFINE_multi_string("set", [], "key=value config overrides for every run.")
+_ARMS = flags.DEFINE_list("arms", ["scratch", "pretrained"], "Arms to run (scratch first).")
+
+# arm -> decode.py arguments; the first arm is the reference the others are compared with.
+ARMS = {
+  "scratch": "",
+  "pretrained": "init={pretrained},",
+  "pretrained_frozen": "init={pretrained},freeze=True,",
+}
+
+
+def _train(config: str, workdir: str, overrides: list[str]) -> None:
+  if os.path.exists(os.path.join(workdir, "done.json")):
+    print(f"[reuse] {workdir}", flush=True)
+    return
+  cmd = [sys.executable, "-m", "boldjax.main", f"--config={config}", f"--workdir={workdir}"]
+  cmd += [f"--config.{kv}" for kv in overrides]
+  print(f"[run] {' '.join(cmd[2:])}", flush=True)
+  log = open(os.path.join(os.path.dirname(workdir) or ".", os.path.basename(workdir) + ".log"), "w")
+  subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+  with open(os.path.join(workdir, "done.json"), "w") as f:
+    json.dump({"cmd": cmd}, f)
+
+
+def held_out_curve(workdir: str, split: str) -> dict[int, float]:
+  """step -> exact split balanced accuracy logged by the loss evaluator."""
+  key = f"{split}/balanced_accuracy"
+  curve = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      if key in row:
+        curve[int(row["step"])] = float(row[key])
+  if not curve:
+    raise ValueError(f"{workdir}/metrics.jsonl: no {key!r} rows (was the split evaluated?)")
+  return curve
+
+
+def summarise(results: dict, arms: list[str], steps: list[int], chance: float) -> str:
+  """Markdown: per (subjects, step) each arm's mean +- sd and its paired gain over arms[0]."""
+  ref = arms[0]
+  head = " | ".join(arms) + " | " + " | ".join(f"{a} - {ref}" for a in arms[1:])
+  lines = [
+    f"held-out balanced accuracy, mean +- sd over seeds (chance {chance:.3f})",
+    "",
+    f"| train subjects | step | {head} |",
+    "|---|---|" + "---|" * (2 * len(arms) - 1),
+  ]
+  for n, by_arm in results.items():
+    for step in steps:
+      vals = {a: np.array([c[step] for c in by_arm[a]]) for a in arms}
+      cells = [f"{v.mean():.3f} +- {v.std():.3f}" for v in vals.values()]
+      for a in arms[1:]:
+        d = vals[a] - vals[ref]
+        cells.append(f"{d.mean():+.3f} +- {d.std():.3f} ({int((d > 0).sum())}/{len(d)} better)")
+      lines.append(f"| {n} | {step} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(results: dict, arms: list[str], step: int, chance: float, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(4.5, 3.5))
+  ns = [int(n) for n in results]
+  for arm in arms:
+    vals = np.array([[c[step] for c in results[n][arm]] for n in results])
+    ax.errorbar(ns, vals.mean(1), yerr=vals.std(1), marker="o", capsize=3, label=arm)
+  ax.axhline(chance, ls="--", color="k", lw=0.8, label="chance")
+  ax.set_xlabel("training subjects")
+  ax.set_ylabel("held-out balanced accuracy")
+  ax.set_title(f"mental-state decoding after {step} steps")
+  ax.set_xticks(ns)
+  ax.legend(frameon=False)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv) -> None:
+  del argv
+  out = _OUT.value
+  os.makedirs(out, exist_ok=True)
+  arms = list(_ARMS.value)
+  unknown = [a for a in arms if a not in ARMS]
+  if unknown:
+    raise app.UsageError(f"--arms: expected names from {sorted(ARMS)}, found {unknown}")
+  pretrained = _PRETRAINED.value
+  if pretrained is None:
+    pretrained = os.path.join(out, "pretrain_csm")
+    _train("configs/csm_gpt.py", pretrained, [f"total_steps={_PRETRAIN_STEPS.value}", *_SET.value])
+
+  results: dict[str, dict[str, list[dict[int, float]]]] = {}
+  for n in _SUBJECTS.value:
+    results[n] = {arm: [] for arm in arms}
+    for seed in _SEEDS.value:
+      for arm in arms:
+        workdir = os.path.join(out, f"decode_n{n}_seed{seed}_{arm}")
+        overrides = [
+          f"seed={seed}",
+          f"data.split_seed={seed}",
+          f"total_steps={_STEPS.value}",
+          f"evals.test.every_steps={_EVERY.value}",
+          f"evals.test.split={_SPLIT.value}",
+          *_SET.value,
+        ]
+        args = ARMS[arm].format(pretrained=pretrained)
+        _train(f"configs/decode.py:{args}train_subjects={n}", workdir, overrides)
+        results[n][arm].append(held_out_curve(workdir, _SPLIT.value))
+
+  curves = [c for r in results.values() for a in arms for c in r[a]]
+  steps = sorted(set.intersection(*(set(c) for c in curves)))
+  first = os.path.join(out, f"decode_n{_SUBJECTS.value[0]}_seed{_SEEDS.value[0]}_{arms[0]}")
+  chance = 1.0 / _count_classes(first)
+  table = summarise(results, arms, steps, chance)
+  print(table)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump({"chance": chance, "steps": steps, "arms": arms, "curves": results}, f, indent=1)
+  plot(results, arms, steps[-1], chance, os.path.join(out, "fig5.png"))
+  print(f"wrote {out}/results.json and {out}/fig5.png")
+
+
+def _count_classes(workdir: str) -> int:
+  """Number of classes of a decoding run, from its logged per-class metrics."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      keys = [k for k in json.loads(line) if k.endswith("_count") and "/class_" in k]
+      if keys:
+        return len({k.split("/")[1] for k in keys})
+  raise ValueError(f"{workdir}/metrics.jsonl: no class_*_count metrics")
+
+
+if __name__ == "__main__":
+  app.run(main)
