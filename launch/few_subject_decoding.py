@@ -92,23 +92,31 @@ def summarise(results: dict, arms: list[str], steps: list[int], chance: float) -
   return "\n".join(lines)
 
 
-def plot(results: dict, arms: list[str], step: int, chance: float, path: str) -> None:
+def plot(results: dict, arms: list[str], steps: list[int], chance: float, path: str) -> None:
+  """Left: accuracy vs training subjects at the last step; right: vs steps, per n."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(4.5, 3.5))
+  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
   ns = [int(n) for n in results]
   for arm in arms:
-    vals = np.array([[c[step] for c in results[n][arm]] for n in results])
-    ax.errorbar(ns, vals.mean(1), yerr=vals.std(1), marker="o", capsize=3, label=arm)
-  ax.axhline(chance, ls="--", color="k", lw=0.8, label="chance")
+    vals = np.array([[c[steps[-1]] for c in results[n][arm]] for n in results])
+    line = ax.errorbar(ns, vals.mean(1), yerr=vals.std(1), marker="o", capsize=3, label=arm)
+    for n, style in zip(results, ("-", "--", ":", "-."), strict=False):
+      curve = np.array([[c[s] for s in steps] for c in results[n][arm]]).mean(0)
+      ax2.plot(steps, curve, style, color=line[0].get_color(), label=f"{arm}, n={n}")
+  for a in (ax, ax2):
+    a.axhline(chance, ls="--", color="k", lw=0.8)
+    a.set_ylabel("held-out balanced accuracy")
   ax.set_xlabel("training subjects")
-  ax.set_ylabel("held-out balanced accuracy")
-  ax.set_title(f"mental-state decoding after {step} steps")
   ax.set_xticks(ns)
+  ax.set_title(f"after {steps[-1]} steps (dashed: chance)")
   ax.legend(frameon=False)
+  ax2.set_xlabel("decoding steps")
+  ax2.set_title("mean over seeds")
+  ax2.legend(frameon=False, fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -152,7 +160,7 @@ def main(argv) -> None:
   print(table)
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump({"chance": chance, "steps": steps, "arms": arms, "curves": results}, f, indent=1)
-  plot(results, arms, steps[-1], chance, os.path.join(out, "fig5.png"))
+  plot(results, arms, steps, chance, os.path.join(out, "fig5.png"))
   print(f"wrote {out}/results.json and {out}/fig5.png")
 
 
