@@ -41,9 +41,11 @@ def test_crop_starts_spread_evenly():
 def test_label_sources_registry_and_errors(tmp_path):
   assert features.label_source("auto", "parcellated").name == "state"
   assert features.label_source("auto", "flat").name == "stimulus"
-  with pytest.raises(KeyError, match=r"known: \['state', 'stimulus'\] or a path"):
+  with pytest.raises(KeyError, match=r"known: \['state', 'stimulus', 'task'\] or a path"):
     features.label_source("mood", "parcellated")
-  with pytest.raises(ValueError, match="applies to \\('flat',\\) data.*usable: \\['state'\\]"):
+  with pytest.raises(
+    ValueError, match="applies to \\('flat',\\) data.*usable: \\['state', 'task'\\]"
+  ):
     features.label_source("stimulus", "parcellated")
   bad = tmp_path / "bad.csv"
   bad.write_text("participant,label\nsub-00,a\n")
