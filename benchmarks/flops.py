@@ -4,12 +4,14 @@ Convention (as in the PaLM / Chinchilla MFU accounting): a train step costs 3x i
 (backward = 2x forward); the forward costs 2 * fan_in * fan_out per token for every weight
 matmul, plus 4 * L^2 * D per attention layer and sequence (q k^T and weights @ v, the full
 L x L square: XLA and torch both compute it whole under a causal mask). Elementwise work,
-norms, softmax and gathers are not counted.
+norms, softmax and gathers are not counted. Forward passes that take no gradient (the EMA
+teacher of DINO) count once (`no_grad`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import jax
@@ -21,14 +23,16 @@ import numpy as np
 class FlopCount:
   matmul: float  # forward FLOPs of the weight matmuls
   attention: float  # forward FLOPs of q k^T and weights @ v
+  no_grad: float = 0.0  # forward FLOPs run without a backward (EMA teacher), counted once
 
   @property
   def forward(self) -> float:
+    """The differentiated forward (what the backward doubles)."""
     return self.matmul + self.attention
 
   @property
   def train_step(self) -> float:
-    return 3.0 * self.forward
+    return 3.0 * self.forward + self.no_grad
 
 
 def dense(tokens: int, fan_in: int, fan_out: int) -> float:
@@ -66,6 +70,67 @@ def csm_gpt(model, batch: int, length: int) -> FlopCount:
   blocks = transformer_blocks(batch, length, D, model.num_layers, D * model.intermediate_factor)
   io = 2 * dense(batch * length, P, D)  # embedder Linear and unembedder Linear
   return FlopCount(blocks.matmul + io, blocks.attention)
+
+
+def seq_bert(model, batch: int, length: int) -> FlopCount:
+  """boldjax LfbModel(style='bert') on (batch, length) packed tokens (length = frames of
+  seq_a + seq_b + 2 SEP + CLS): embedder, BERT, unembedder on every position (the original
+  runs the padded sequence), pooler + NSP head on the index-0 state."""
+  D, P = model.embed_dim, model.in_dim
+  blocks = transformer_blocks(batch, length, D, model.num_layers, D * model.intermediate_factor)
+  io = 2 * dense(batch * length, P, D)  # embedder Linear and unembedder Linear
+  heads = dense(batch, D, D) + dense(batch, D, 1)  # pooler, is_next_head
+  return FlopCount(blocks.matmul + io + heads, blocks.attention)
+
+
+def semantoks_tokenizers(encoder, sequences: int) -> float:
+  """Network tokenizers of a SemantoksEncoder on `sequences` inputs (forward FLOPs).
+
+  Per network n (R_n ROIs) and patch time step: a dense Conv1d branch = R_n*k -> C matmul;
+  an SLConv branch = heads*R_n output channels with K+1 taps each (long kernel + skip),
+  then Linear(heads*R_n -> C).
+  """
+  steps = sequences * encoder.num_patches * encoder.patch_size
+  total = 0.0
+  for rois in encoder.network_rois:
+    r = len(rois)
+    for b in encoder.branches:
+      if b.type == "sgconv":
+        heads = math.ceil(b.out_channels / r)
+        K = b.kernel_size * sum(2 ** max(0, i - 1) for i in range(b.num_scales))
+        total += dense(steps, K + 1, heads * r) + dense(steps, heads * r, b.out_channels)
+      elif b.depthwise:
+        total += dense(steps, b.kernel_size, r) + dense(steps, r, b.out_channels)
+      else:
+        total += dense(steps, r * b.kernel_size, b.out_channels)
+  return total
+
+
+def dino_head(head, embed_dim: int, tokens: int) -> float:
+  """DinoHead MLP on `tokens` rows: D -> hidden (-> hidden ...) -> bottleneck."""
+  n = max(head.nlayers, 1)
+  dims = [embed_dim] + [head.hidden_dim] * (n - 1) + [head.bottleneck_dim]
+  return sum(dense(tokens, a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+
+
+def semantoks_forward(encoder, head, sequences: int) -> FlopCount:
+  """Encoder + head on CLS, per-network means and every patch token, for `sequences` views
+  (boldjax runs the head on all N*P patch tokens; the original only on the masked ones)."""
+  N, P, D = len(encoder.network_rois), encoder.num_patches, encoder.embed_dim
+  L = 1 + N * P
+  blocks = transformer_blocks(sequences, L, D, encoder.depth, encoder.mlp_dim)
+  heads = dino_head(head, D, sequences * (1 + N + N * P))
+  return FlopCount(
+    blocks.matmul + semantoks_tokenizers(encoder, sequences) + heads, blocks.attention
+  )
+
+
+def dino(encoder, head, batch: int) -> FlopCount:
+  """A SimDINO step on `batch` samples of 2 views: the student forward (differentiated) and
+  the same forward for the EMA teacher without gradient. The loss-side matmuls (coding-rate
+  covariances, Cholesky) are not counted."""
+  student = semantoks_forward(encoder, head, 2 * batch)
+  return FlopCount(student.matmul, student.attention, no_grad=student.forward)
 
 
 def matmul_ceiling(n: int = 2048, repeats: int = 7) -> float:

@@ -1,12 +1,14 @@
 """boldjax train step vs a PyTorch re-implementation of the original, same weights and batch.
 
-  python -m benchmarks.run --family=patch_gpt|csm_gpt|all [--json] [--repeats N]
+  python -m benchmarks.run --family=patch_gpt|csm_gpt|seq_bert|dino|all [--json] [--repeats N]
 
 Per family: the boldjax step is built exactly as boldjax/train.py builds it (mesh, state
 spec, optimizer, task loss, jit with donation) on the config's default shapes and the first
 batch of the real pipeline; the torch model loads the same weights through the converter's
 params_to_torch and must give the same loss (rtol 1e-4) before anything is timed. Then the
 two steps are timed alternately in this process after warm-up (median of repeats).
+The DINO step includes the EMA teacher update on both sides (update_extra in boldjax, after
+the optimizer step in torch).
 """
 
 from __future__ import annotations
@@ -31,8 +33,17 @@ import numpy as np
 
 from benchmarks import flops as flops_lib
 
-FAMILIES = ("patch_gpt", "csm_gpt")
-CONFIGS = {"patch_gpt": "configs.gpt_small", "csm_gpt": "configs.csm_gpt"}
+FAMILIES = ("patch_gpt", "csm_gpt", "seq_bert", "dino")
+CONFIGS = {
+  "patch_gpt": "configs.gpt_small",
+  "csm_gpt": "configs.csm_gpt",
+  "seq_bert": "configs.seq_bert",
+  "dino": "configs.dino_small",
+}
+# Config changes that keep shapes but make both sides do the same work every step: the
+# DINO student masks on every batch (boldjax computes the masked path on every batch anyway,
+# static shapes; the original skips the mask loss on the unmasked half).
+OVERRIDES: dict[str, dict[str, Any]] = {"dino": {"task.mask_frequency": 1.0}}
 LOSS_RTOL = 1e-4
 
 
@@ -90,7 +101,14 @@ def load_config(family: str, arg: str | None = None):
 
   if family not in CONFIGS:
     raise ValueError(f"benchmarks.run --family: expected one of {FAMILIES}, found {family!r}")
-  return importlib.import_module(CONFIGS[family]).get_config(arg)
+  config = importlib.import_module(CONFIGS[family]).get_config(arg)
+  for key, value in OVERRIDES.get(family, {}).items():
+    *parents, field = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[field] = value
+  return config
 
 
 def build_jax(config) -> JaxSide:
@@ -141,23 +159,47 @@ def build_jax(config) -> JaxSide:
 @dataclasses.dataclass
 class TorchSide:
   model: Any
-  loss: Callable[[], Any]  # draws what the step draws (CSM frame), returns the loss tensor
+  loss: Callable[[], Any]  # draws what the step draws (CSM frame, BERT masks), returns the loss
   eval_loss: Callable[[], float]  # deterministic loss on the benchmark batch
   step: Callable[[], None]
 
 
+class TorchSchedules:
+  """LambdaLR (warmup + cosine) plus boldjax's weight-decay schedule (optim.weight_decay_end:
+  cosine from weight_decay to it, set on the decay group before each optimizer step)."""
+
+  def __init__(self, opt, lr_factor: Callable[[int], float], wd: Callable[[int], float]):
+    import torch
+
+    self.opt, self.wd, self.count = opt, wd, 0
+    self.lr = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    self._set_wd()
+
+  def _set_wd(self) -> None:
+    self.opt.param_groups[0]["weight_decay"] = self.wd(self.count)
+
+  def step(self) -> None:
+    self.lr.step()
+    self.count += 1
+    self._set_wd()
+
+
 def torch_optimizer(model, optim_cfg, total_steps: int):
-  """AdamW + global-norm clipping + warmup/cosine with boldjax's decay mask rule (rank >= 2
-  and no path component named in optim.no_decay), on torch parameter names."""
+  """AdamW + global-norm clipping + warmup/cosine with boldjax's decay mask rule (rank >=
+  optim.decay_min_rank (default 2) and no path component named in optim.no_decay), on torch
+  parameter names; parameters with requires_grad=False (an EMA teacher) are left out."""
   import re
 
   import torch
 
   patterns = [re.compile(f"^{n}$") for n in optim_cfg.no_decay]
+  min_rank = int(optim_cfg.get("decay_min_rank", 2))
   decay, no_decay = [], []
   for name, p in model.named_parameters():
+    if not p.requires_grad:
+      continue
     exempt = any(pat.match(part) for pat in patterns for part in name.split("."))
-    (no_decay if exempt or p.ndim < 2 else decay).append(p)
+    (no_decay if exempt or p.ndim < min_rank else decay).append(p)
   opt = torch.optim.AdamW(
     [
       {"params": decay, "weight_decay": optim_cfg.weight_decay},
@@ -167,7 +209,7 @@ def torch_optimizer(model, optim_cfg, total_steps: int):
     betas=(optim_cfg.b1, optim_cfg.b2),
     eps=optim_cfg.eps,
   )
-  warm = max(int(optim_cfg.warmup_steps), 1)
+  warm = min(int(optim_cfg.warmup_steps), max(total_steps - 1, 0))  # optim.make_schedule
 
   def factor(s: int) -> float:
     if s < warm:
@@ -176,21 +218,36 @@ def torch_optimizer(model, optim_cfg, total_steps: int):
     lo = optim_cfg.min_lr_ratio
     return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac))
 
-  sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-  return opt, sched
+  end = optim_cfg.get("weight_decay_end", None)
+  start, n = float(optim_cfg.weight_decay), max(total_steps, 1)
+
+  def weight_decay(s: int) -> float:  # optim.make_weight_decay
+    if end is None:
+      return start
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * min(s, n) / n))
+
+  return opt, TorchSchedules(opt, factor, weight_decay)
 
 
-def _torch_step(model, loss_fn, opt, sched, clip: float) -> Callable[[], None]:
+def _torch_step(
+  model, loss_fn, opt, sched, clip: float, after_step: Callable[[], None] | None = None
+) -> Callable[[], None]:
+  """zero_grad, loss, backward, clip, optimizer step, schedules, then `after_step` (the EMA
+  teacher update of DINO, as the original runs it after optimizer.step())."""
   import torch
+
+  params = [p for p in model.parameters() if p.requires_grad]
 
   def step() -> None:
     opt.zero_grad(set_to_none=True)
     loss = loss_fn()
     loss.backward()
     if clip and clip > 0:
-      torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+      torch.nn.utils.clip_grad_norm_(params, clip)
     opt.step()
     sched.step()
+    if after_step is not None:
+      after_step()
 
   return step
 
@@ -232,12 +289,50 @@ def build_torch(family: str, side: JaxSide) -> TorchSide:
 
     def eval_loss():
       return model.loss(b, fixed_i)
+  elif family == "seq_bert":
+    from benchmarks import torch_lfb_bert
+
+    model = torch_lfb_bert.from_boldjax(side.task.model, params)
+    rate = side.task.masking_rate
+    fixed_mask = torch.from_numpy(np.array(seq_bert_parity_mask(side)))
+
+    def loss():  # the original: packed pair, frames masked with torch.rand every step
+      packed = torch_lfb_bert.pack_pair(b)
+      return model.loss(packed, torch_lfb_bert.draw_frame_mask(packed["attention_mask"], rate))
+
+    def eval_loss():
+      return model.loss(torch_lfb_bert.pack_pair(b), fixed_mask)
+  elif family == "dino":
+    from benchmarks import torch_semantoks
+
+    extra = jax.device_get(side.state.extra)
+    model = torch_semantoks.from_boldjax(side.task, params, extra)
+    b = {"views": b["views"], "masks": b["masks"].bool()}
+
+    def loss():  # masks on a random mask_frequency of the steps (1.0 here: OVERRIDES)
+      return model.loss(b)
+
+    def eval_loss():
+      return model.loss(b, apply_masks=True)
   else:
     raise ValueError(f"benchmarks.run: no torch model for family {family!r}")
   opt, sched = torch_optimizer(model, cfg.optim, cfg.total_steps)
+  after = model.update_teacher if family == "dino" else None
   return TorchSide(
-    model, loss, eval_loss, _torch_step(model, loss, opt, sched, cfg.optim.clip_norm)
+    model, loss, eval_loss, _torch_step(model, loss, opt, sched, cfg.optim.clip_norm, after)
   )
+
+
+def seq_bert_parity_mask(side: JaxSide) -> jax.Array:
+  """(B, Ta+Tb) frame mask boldjax's deterministic Seq-BERT loss draws for rng=key(0)."""
+  from boldjax.tasks.seq_bert import pack_pair
+
+  task = side.task
+  a, ta, _, la = task._frames(side.host_batch)
+  b, tb, _, lb = task._frames(side.host_batch, "_next")
+  x, _, am, _ = pack_pair(a, ta, la, b, tb, lb)
+  mask_rng = jax.random.split(jax.random.key(0))[0]
+  return task.draw_mask(mask_rng, am, x.shape[-1])[..., 0]
 
 
 def parity_losses(side: JaxSide, tside: TorchSide) -> tuple[float, float]:
@@ -312,16 +407,7 @@ def bench_family(family: str, repeats: int, steps_per_repeat: int, warmup: int) 
   recompiles = log.compiles - c1
   jax_step, torch_step = float(np.median(jax_times)), float(np.median(torch_times))
 
-  model = side.task.model
-  host = side.host_batch
-  if family == "patch_gpt":
-    B, N = host["patches"].shape[:2]
-    count = flops_lib.patch_gpt(model, B)
-    shapes = dict(batch=B, tokens_per_row=N + 1, width=model.embed_dim, depth=model.depth)
-  else:
-    B, S = host["bold"].shape[:2]
-    count = flops_lib.csm_gpt(model, B, S)
-    shapes = dict(batch=B, tokens_per_row=S, width=model.embed_dim, depth=model.num_layers)
+  shapes, count = shapes_and_flops(family, side)
   tokens = shapes["batch"] * shapes["tokens_per_row"]
   return {
     "family": family,
@@ -346,6 +432,33 @@ def bench_family(family: str, repeats: int, steps_per_repeat: int, warmup: int) 
     "repeats": repeats,
     "steps_per_repeat": steps_per_repeat,
   }
+
+
+def shapes_and_flops(family: str, side: JaxSide) -> tuple[dict, flops_lib.FlopCount]:
+  """Batch, tokens per row (what tokens/s counts), width, depth, and the analytic FLOPs.
+
+  Tokens per row: patch GPT N + 1 (subject token); CSM the padded frames S; Seq-BERT the
+  packed pair Ta + Tb + 3 (two SEPs and the CLS); DINO 2 views x (1 + N*P) student tokens.
+  """
+  task, host = side.task, side.host_batch
+  if family == "dino":
+    enc = task.encoder
+    B = host["views"].shape[0]
+    L = 1 + len(enc.network_rois) * enc.num_patches
+    shapes = dict(batch=B, tokens_per_row=2 * L, width=enc.embed_dim, depth=enc.depth)
+    return shapes, flops_lib.dino(enc, task.head, B)
+  model = task.model
+  if family == "patch_gpt":
+    B, N = host["patches"].shape[:2]
+    shapes = dict(batch=B, tokens_per_row=N + 1, width=model.embed_dim, depth=model.depth)
+    return shapes, flops_lib.patch_gpt(model, B)
+  B, S = host["bold"].shape[:2]
+  if family == "seq_bert":
+    L = S + host["bold_next"].shape[1] + 3
+    shapes = dict(batch=B, tokens_per_row=L, width=model.embed_dim, depth=model.num_layers)
+    return shapes, flops_lib.seq_bert(model, B, L)
+  shapes = dict(batch=B, tokens_per_row=S, width=model.embed_dim, depth=model.num_layers)
+  return shapes, flops_lib.csm_gpt(model, B, S)
 
 
 def machine() -> dict:

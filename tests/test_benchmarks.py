@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,6 +12,8 @@ import pytest
 
 from benchmarks import flops as flops_lib
 from boldjax import optim
+from boldjax import state as state_lib
+from boldjax.convert.semantoks import params_to_torch as params_to_torch_semantoks
 from boldjax.models.lfb import LfbModel
 from boldjax.models.patch_gpt import PatchGPT
 from boldjax.tasks.csm import l1_rows
@@ -44,6 +48,22 @@ def _patch_batch(seed: int = 0) -> dict[str, np.ndarray]:
     "order": np.stack([rng.permutation(N) for _ in range(B)]).astype(np.int32),
     "subject_id": rng.integers(0, 5, (B,)).astype(np.int32),
   }
+
+
+def _random_params(abstract, seed: int = 0):
+  """Random values of the shapes of an eval_shape'd init (no init compile): N(0, .3^2),
+  LayerNorm scales 1 + N(0, .1^2), kernel_norm buffers in [0.5, 1.5]."""
+  rng = np.random.default_rng(seed)
+
+  def value(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "scale":
+      return (1 + 0.1 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+    if name == "kernel_norm":
+      return (0.5 + rng.random(leaf.shape)).astype(leaf.dtype)
+    return (0.3 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(value, abstract)
 
 
 def _perturbed(params, seed: int = 1):
@@ -199,3 +219,295 @@ def test_torch_optimizer_step_equals_optax():
   assert set(got) == set(want)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------
+# Seq-BERT and Semantoks DINO.
+# ---------------------------------------------------------------------------------------
+PARITY_DIR = Path(__file__).resolve().parents[2] / "shared" / "parity"
+
+
+def _bert_model(**kw) -> LfbModel:
+  return LfbModel(style="bert", in_dim=12, embed_dim=16, num_layers=2, num_heads=2, **kw)
+
+
+def _bert_pair_batch(seed: int = 0, T: int = 7) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  la, lb = np.array([7, 4, 6], np.int32), np.array([5, 7, 2], np.int32)
+  j = np.arange(T)[None]
+  t0 = rng.random((B, 1)) * 3
+  return {
+    "bold": rng.standard_normal((B, T, 12)).astype(np.float32) * (j < la[:, None])[..., None],
+    "bold_next": rng.standard_normal((B, T, 12)).astype(np.float32) * (j < lb[:, None])[..., None],
+    "t_sec": (j * 0.72 + t0).astype(np.float32) * (j < la[:, None]),
+    "t_sec_next": (j * 0.72).astype(np.float32) * (j < lb[:, None]),
+    "mask": j < la[:, None],
+    "mask_next": j < lb[:, None],
+    "length": la,
+    "length_next": lb,
+    "next_is_consecutive": np.array([True, False, True]),
+  }
+
+
+def test_seq_bert_flops_by_hand():
+  m = _bert_model()
+  c = flops_lib.seq_bert(m, 3, 17)
+  t = 3 * 17
+  blocks = 2 * (4 * 2 * t * 16 * 16 + 2 * 2 * t * 16 * 64)
+  assert c.matmul == blocks + 2 * 2 * t * 12 * 16 + 2 * 3 * 16 * 16 + 2 * 3 * 16
+  assert c.attention == 4 * 3 * 17**2 * 16 * 2
+  assert c.train_step == 3 * c.forward
+
+
+def test_seq_bert_flops_match_xla_cost_analysis():
+  """XLA counts matmuls plus elementwise work (post-LN, gelu_new): within [1, 1.2]."""
+  m = LfbModel(style="bert", in_dim=48, embed_dim=128, num_layers=2, num_heads=2)
+  b, S = 4, 30
+  x, t = jnp.ones((b, S, 48)), jnp.zeros((b, S))
+  am = jnp.ones((b, S), bool)
+  tt = jnp.zeros((b, S), jnp.int32).at[:, S // 2 :].set(1)
+  mm = jnp.zeros((b, S, 48), bool)
+  params = jax.eval_shape(m.init, jax.random.key(0), x, t, am)
+
+  def forward(v):
+    out = m.apply(v, x, t, am, tt, mm, method="bert")
+    return out["outputs"], out["is_next_logits"]
+
+  ratio = _cost(forward, params) / flops_lib.seq_bert(m, b, S + 3).forward
+  assert 1.0 <= ratio <= 1.2, ratio
+
+
+def _dino_modules(D: int = 32, depth: int = 1, heads: int = 1, hidden: int = 32):
+  from boldjax.models import semantoks as sm
+
+  branches = sm.branches_from_config(
+    [
+      {"type": "dense", "kernel_size": 3, "out_channels": D // 2},
+      {"type": "sgconv", "kernel_size": 2, "num_scales": 2, "out_channels": D // 2},
+    ]
+  )
+  rois = sm.network_rois_from_map(np.array([0, 1, 2, 0, 1, 2, 0, 1, 0, 3, 0, 1, 2, 0, 3, 0]))
+  enc = sm.SemantoksEncoder(
+    network_rois=rois, branches=branches, embed_dim=D, depth=depth, num_heads=heads,
+    mlp_dim=4 * D, patch_size=4, num_patches=5, layer_scale_init=0.1,
+  )  # fmt: skip
+  return enc, sm.DinoHead(hidden_dim=hidden, bottleneck_dim=16, nlayers=2)
+
+
+def test_dino_flops_by_hand():
+  enc, head = _dino_modules()
+  # 16 ROIs in networks of 7, 4, 3, 2 ROIs; C = 16 per branch; K = 2 + 2 = 4 taps.
+  # Per patch time step: dense conv 2*(R*3)*16; SLConv heads ceil(16/R) = 3, 4, 6, 8 ->
+  # 2*(4+1)*(h*R) + 2*(h*R)*16.
+  per_step = 0
+  for r in (7, 4, 3, 2):
+    h = -(-16 // r)
+    per_step += 2 * r * 3 * 16 + 2 * 5 * h * r + 2 * h * r * 16
+  assert flops_lib.semantoks_tokenizers(enc, 3) == 3 * 5 * 4 * per_step
+  L, n = 1 + 4 * 5, 3
+  blocks = flops_lib.transformer_blocks(n, L, 32, 1, 128)
+  heads = 2 * n * (1 + 4 + 20) * (32 * 32 + 32 * 16)
+  f = flops_lib.semantoks_forward(enc, head, n)
+  assert f.matmul == blocks.matmul + 3 * 5 * 4 * per_step + heads
+  assert f.attention == blocks.attention
+  step = flops_lib.dino(enc, head, 2)  # 2 samples x 2 views, teacher forward without grad
+  fwd4 = flops_lib.semantoks_forward(enc, head, 4).forward
+  assert step.forward == fwd4 and step.train_step == 4 * fwd4
+
+
+def test_dino_flops_match_xla_cost_analysis():
+  """Encoder + heads on CLS, network means and patch tokens: XLA within [1, 1.25]."""
+  from boldjax.models import semantoks as sm
+
+  enc, head = _dino_modules(D=128, depth=2, heads=2, hidden=512)
+  n = 8
+  x = jnp.ones((n, 16, 20))
+  ev = jax.eval_shape(enc.init, jax.random.key(0), x)
+  hv = jax.eval_shape(head.init, jax.random.key(1), jnp.ones((1, 128)))
+
+  def fwd(v, hp):
+    tok = enc.apply(v, x)["tokens"]
+    parts = sm.split_tokens(tok, 4, 5)
+    return [head.apply(hp, parts[k]) for k in ("cls", "net", "patch")]
+
+  ratio = _cost(fwd, ev, hv) / flops_lib.semantoks_forward(enc, head, n).forward
+  assert 1.0 <= ratio <= 1.25, ratio
+
+
+def test_torch_seq_bert_same_loss():
+  torch = pytest.importorskip("torch")
+  from benchmarks import torch_lfb_bert
+  from boldjax.tasks.seq_bert import bert_losses, pack_pair
+
+  m = _bert_model(dropout=0.1)
+  batch = _bert_pair_batch()
+  j = jnp.asarray
+  x, t, am, tt = pack_pair(
+    j(batch["bold"]), j(batch["t_sec"]), j(batch["length"]),
+    j(batch["bold_next"]), j(batch["t_sec_next"]), j(batch["length_next"]),
+  )  # fmt: skip
+  frames = (np.random.default_rng(5).random(am.shape) < 0.3) & np.asarray(am)
+  mm = np.broadcast_to(frames[..., None], x.shape)
+  params = _random_params(jax.eval_shape(m.init, jax.random.key(0), x, t, am)["params"])
+  out = jax.jit(lambda p: m.apply({"params": p}, x, t, am, tt, mm, method="bert"))(params)
+  is_next = 1 - batch["next_is_consecutive"].astype(np.int32)
+  want = bert_losses(out, x, j(is_next), jnp.ones(B))
+  net = torch_lfb_bert.from_boldjax(m, jax.device_get(params)).eval()
+  tb = {k: torch.from_numpy(v) for k, v in batch.items()}
+  packed = torch_lfb_bert.pack_pair(tb)
+  np.testing.assert_array_equal(packed["inputs"].numpy(), np.asarray(x))
+  with torch.no_grad():
+    got = net.losses(**packed, frame_mask=torch.from_numpy(frames))
+  for k in ("loss", "masking_loss", "is_next_loss"):
+    np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-5, err_msg=k)
+
+
+def _fixture(case: str):
+  folder = PARITY_DIR / case
+  if not (folder / "spec.json").exists():
+    pytest.skip(f"no parity fixture {folder}")
+  import json
+
+  spec = json.loads((folder / "spec.json").read_text())
+  return spec, *(dict(np.load(folder / f"{n}.npz")) for n in ("state_dict", "inputs", "outputs"))
+
+
+def test_torch_seq_bert_matches_the_original_fixture():
+  """The torch reference on the original's weights and batch gives the original's numbers."""
+  torch = pytest.importorskip("torch")
+  from benchmarks import torch_lfb_bert
+  from boldjax.convert.lfb import IGNORED, model_kwargs_from_spec
+
+  spec, sd, inputs, outputs = _fixture("lfb_bert")
+  kw = model_kwargs_from_spec(spec)
+  net = torch_lfb_bert.SeqBert(
+    kw["in_dim"], kw["embed_dim"], kw["num_layers"], kw["num_heads"],
+    kw["embed_dim"] * kw["intermediate_factor"], kw["n_positions"], kw["dropout"],
+    kw["hidden_activation"],
+  ).eval()  # fmt: skip
+  keep = {k: torch.from_numpy(v) for k, v in sd.items()
+          if not any(p.fullmatch(k) for p in IGNORED) and "decoding_head" not in k}  # fmt: skip
+  net.load_state_dict(keep, strict=True)
+  names = ("inputs", "t_rs", "attention_mask", "token_type_ids", "is_next", "frame_mask")
+  args = {k: torch.from_numpy(inputs[k]) for k in names}
+  with torch.no_grad():
+    got = net.losses(**args)
+    prep = net.prep_batch(*(args[k] for k in names if k != "is_next"))
+  for k in ("inputs_embeds", "t_rs", "token_type_ids", "modelling_mask", "attention_mask"):
+    want = outputs[f"prep/{k}"]
+    np.testing.assert_array_equal(prep[k].numpy().astype(want.dtype), want, err_msg=k)
+  for k in ("loss", "masking_loss", "is_next_loss", "is_next_logits"):
+    np.testing.assert_allclose(got[k].numpy(), outputs[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def _dino_task(total_steps: int = 10, lr: float = 1e-2):
+  import types
+
+  from boldjax.tasks import dino
+  from configs import dino_small
+
+  config = dino_small.get_config("runlocal")
+  config.total_steps = total_steps
+  config.task.mask_frequency = 1.0
+  config.optim.lr, config.optim.warmup_steps = lr, 0
+  config.optim.eps = 1e-3  # Adam on near-zero gradients amplifies float rounding
+  networks = np.repeat(np.arange(4), 4).astype(np.int32)
+  info = types.SimpleNamespace(num_parcels=16, networks=networks, num_networks=4)
+  return dino.DinoTask(config, info)
+
+
+def _dino_state(task, seed: int = 0):
+  """Random student, a drifted teacher, random kernel-norm buffers (no init compile)."""
+  rng = np.random.default_rng(seed)
+  batch = {
+    "views": rng.standard_normal((5, 2, 16, task.crop_length)).astype(np.float32),
+    "masks": rng.random((5, 2, task.num_networks, task.num_patches)) < 0.5,
+  }
+  abstract = state_lib.strip_boxes(jax.eval_shape(task.init, jax.random.key(0), batch))
+  params = _random_params(abstract[0], seed)
+  teacher = jax.tree.map(lambda a: a + 0.05 * rng.standard_normal(a.shape).astype(a.dtype), params)
+  extra = {
+    "teacher": teacher,
+    "buffers": _random_params(abstract[1]["buffers"], seed + 1),
+    "step": np.zeros((), np.int32),
+  }
+  return batch, params, extra
+
+
+def test_torch_semantoks_same_loss():
+  torch = pytest.importorskip("torch")
+  from benchmarks import torch_semantoks
+
+  task = _dino_task()
+  batch, params, extra = _dino_state(task)
+  want, metrics = jax.jit(lambda p, e: task.loss(p, e, batch, jax.random.key(0), train=False))(
+    params, extra
+  )
+  net = torch_semantoks.from_boldjax(task, jax.device_get(params), jax.device_get(extra)).eval()
+  tb = {k: torch.from_numpy(v) for k, v in batch.items()}
+  with torch.no_grad():
+    got = net.losses(tb["views"], tb["masks"], float(task.network_weight(0)))
+  assert float(metrics["mask_cosine_loss"]) != 0.0
+  for k in ("total_loss", "cls_loss", "network_mcr_loss", "mask_cosine_loss"):
+    np.testing.assert_allclose(float(got[k]), float(metrics[k]), rtol=2e-5, err_msg=k)
+  with torch.no_grad():
+    np.testing.assert_allclose(float(net.loss(tb, apply_masks=True)), float(want), rtol=2e-5)
+
+
+def test_torch_semantoks_matches_the_original_fixture():
+  torch = pytest.importorskip("torch")
+  from benchmarks import torch_semantoks
+  from boldjax.convert.semantoks import semantoks_kwargs
+
+  spec, sd, inputs, outputs = _fixture("semantoks")
+  kw = semantoks_kwargs(spec["constructor_kwargs"], inputs["network_map"])
+  net = torch_semantoks.SimDINO(kw, mask_loss_weight=kw["loss"]["mask_loss_weight"]).eval()
+  mine = net.state_dict()
+  net.load_state_dict({k: torch.from_numpy(np.asarray(sd[k])) for k in mine}, strict=True)
+  views = torch.from_numpy(np.stack([inputs["view1"], inputs["view2"]], 1))
+  masks = torch.from_numpy(np.stack([inputs["mask1"], inputs["mask2"]], 1))
+  w = float(inputs["network_loss_weight"])
+  with torch.no_grad():
+    got = net.losses(views, masks, w)
+    unmasked = net.losses(views, None, w)["total_loss"]
+    tokens = net.teacher_encoder(views[:, 0])
+  np.testing.assert_allclose(tokens.numpy(), outputs["teacher_tokens_v1"], atol=2e-5, rtol=1e-5)
+  for k in ("total_loss", "cls_loss", "network_mcr_loss", "mask_cosine_loss"):
+    np.testing.assert_allclose(float(got[k]), float(outputs[k]), rtol=1e-5, atol=1e-5, err_msg=k)
+  np.testing.assert_allclose(
+    float(unmasked), float(outputs["total_loss_unmasked_batch"]), rtol=1e-5, atol=1e-5
+  )
+
+
+def test_torch_dino_steps_equal_boldjax_steps():
+  """Two train steps (AdamW with the decay-to-0.3 weight-decay schedule on every parameter,
+  clipping, then the EMA teacher update) give the same student and teacher on both sides."""
+  torch = pytest.importorskip("torch")
+  from benchmarks import run, torch_semantoks
+  from boldjax.state import TrainState
+  from boldjax.train import make_train_step
+
+  task = _dino_task(total_steps=10, lr=1e-2)
+  batch, params, extra = _dino_state(task, seed=3)
+  cfg = task.config.optim
+  tx, schedule = optim.make_optimizer(cfg, task.config.total_steps)
+  net = torch_semantoks.from_boldjax(task, jax.device_get(params), jax.device_get(extra))
+  step = jax.jit(make_train_step(task, tx, schedule, jax.random.key(0), 1))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     extra=extra)  # fmt: skip
+  for _ in range(2):
+    state, _ = step(state, batch)
+  tb = {k: torch.from_numpy(v) for k, v in batch.items()}
+  opt, sched = run.torch_optimizer(net, cfg, task.config.total_steps)
+  tstep = run._torch_step(net, lambda: net.loss(tb), opt, sched, cfg.clip_norm, net.update_teacher)
+  tstep()
+  tstep()
+  kw = torch_semantoks.kwargs_from_task(task)
+  got = {k: v.numpy() for k, v in net.state_dict().items()}
+  for role, tree in (("student", state.params), ("teacher", state.extra["teacher"])):
+    want = params_to_torch_semantoks(jax.device_get(tree), kw, role)
+    moved = params_to_torch_semantoks(jax.device_get(params), kw, role)
+    assert any(not np.allclose(want[k], moved[k]) for k in want), role
+    for k in want:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-6, err_msg=k)
+  assert net.step == int(state.extra["step"]) == 2
