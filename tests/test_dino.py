@@ -131,3 +131,22 @@ def test_effective_rank_is_the_participation_ratio():
   # eigenvalues (4, 1): (4 + 1)^2 / (16 + 1)
   two = iso[:, :2] * np.array([2.0, 1.0], np.float32)
   assert float(dino.effective_rank(jnp.asarray(two), ones)) == pytest.approx(25 / 17, rel=0.03)
+
+
+def test_optimizer_schedules_are_the_originals():
+  """dino_small's optimizer lr / weight decay follow the original's closed forms."""
+  from boldjax import optim
+
+  config = dino_small.get_config()
+  o, total = config.optim, config.total_steps
+  lr = optim.make_schedule(o, total)
+  wd = optim.make_weight_decay(o, total)
+  for step in (0, 1, o.warmup_steps // 2, o.warmup_steps, 400, total - 1, total):
+    expected_lr = simdino_objectives.lr_schedule(
+      step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total
+    )
+    expected_wd = simdino_objectives.weight_decay_schedule(
+      step, weight_decay=0.05, weight_decay_end=0.3, total_steps=total
+    )
+    np.testing.assert_allclose(float(lr(step)), float(expected_lr), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(float(wd(step)), float(expected_wd), rtol=1e-5)
