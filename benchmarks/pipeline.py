@@ -25,18 +25,7 @@ from benchmarks import run
 
 def grain_batches_per_s(config, num_batches: int = 50) -> float:
   """Batches/s of the train pipeline after its first batch (pipeline start-up excluded)."""
-  from boldjax.data import pipeline_for
-
-  data = pipeline_for(config.data)
-  info = data.prepare(config.data)
-  ds = data.make_dataset(
-    config.data,
-    info,
-    split="train",
-    train=True,
-    seed=config.seed,
-    batch_size=config.data.batch_size,
-  )
+  _, ds = run.train_dataset(config)
   it = iter(ds)
   next(it)
   t0 = time.perf_counter()

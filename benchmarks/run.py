@@ -111,16 +111,10 @@ def load_config(family: str, arg: str | None = None):
   return config
 
 
-def build_jax(config) -> JaxSide:
-  """Mesh, data, task, optimizer, sharded state and the jitted donated step of train.py."""
-  from boldjax import optim, registry, sharding
-  from boldjax import state as state_lib
+def train_dataset(config):
+  """(data info, the config's one-process train dataset), as train.py builds them."""
   from boldjax.data import pipeline_for
-  from boldjax.train import make_train_step
 
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config.sharding.rules)
-  batch_sh = sharding.batch_sharding(mesh)
   data = pipeline_for(config.data)
   info = data.prepare(config.data)
   dataset = data.make_dataset(
@@ -131,6 +125,19 @@ def build_jax(config) -> JaxSide:
     seed=config.seed,
     batch_size=config.data.batch_size,
   )
+  return info, dataset
+
+
+def build_jax(config) -> JaxSide:
+  """Mesh, data, task, optimizer, sharded state and the jitted donated step of train.py."""
+  from boldjax import optim, registry, sharding
+  from boldjax import state as state_lib
+  from boldjax.train import make_train_step
+
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.sharding.rules)
+  batch_sh = sharding.batch_sharding(mesh)
+  info, dataset = train_dataset(config)
   host_batch = next(iter(dataset))
   example = state_lib.global_example(host_batch)
   task = registry.get("task", config.task.name)(config, info)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.torch_lfb_gpt import Embedder, gelu_new
+from benchmarks.torch_lfb_gpt import Embedder, gelu_new, load_lfb_weights
 
 ACTIVATIONS = {"gelu_new": gelu_new, "gelu": F.gelu, "relu": F.relu}
 
@@ -265,7 +265,6 @@ class SeqBert(nn.Module):
 
 def from_boldjax(model, params) -> SeqBert:
   """A torch SeqBert holding the same weights as a boldjax LfbModel(style='bert')."""
-  from boldjax.convert.lfb import params_to_torch
 
   if model.style != "bert" or model.embed_layers != 1 or model.unembed_layers != 1:
     raise ValueError(
@@ -287,9 +286,4 @@ def from_boldjax(model, params) -> SeqBert:
     tr_precision=model.tr_precision,
     tr_max=model.tr_max,
   )
-  structure = dict(
-    style="bert", num_layers=model.num_layers, embed_layers=1, unembed_layers=1, num_classes=0
-  )
-  sd = params_to_torch(params, structure, model.num_heads)
-  net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, strict=True)
-  return net
+  return load_lfb_weights(net, params, model)

@@ -153,7 +153,6 @@ class CsmGPT(nn.Module):
 
 def from_boldjax(model, params) -> CsmGPT:
   """A torch CsmGPT holding the same weights as a boldjax LfbModel(style='csm')."""
-  from boldjax.convert.lfb import params_to_torch
 
   if model.style != "csm" or model.embed_layers != 1 or model.unembed_layers != 1:
     raise ValueError("torch_lfb_gpt: only CSM with one embed / unembed layer is implemented")
@@ -170,8 +169,15 @@ def from_boldjax(model, params) -> CsmGPT:
     tr_precision=model.tr_precision,
     tr_max=model.tr_max,
   )
+  return load_lfb_weights(net, params, model)
+
+
+def load_lfb_weights(net: nn.Module, params, model) -> nn.Module:
+  """Copies boldjax LfbModel params (one embed / unembed layer, no class head) into net."""
+  from boldjax.convert.lfb import params_to_torch
+
   structure = dict(
-    style="csm", num_layers=model.num_layers, embed_layers=1, unembed_layers=1, num_classes=0
+    style=model.style, num_layers=model.num_layers, embed_layers=1, unembed_layers=1, num_classes=0
   )
   sd = params_to_torch(params, structure, model.num_heads)
   net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, strict=True)
