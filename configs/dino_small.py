@@ -7,9 +7,10 @@ The original (config/example_config.yaml): 457 ROIs in 9 networks, TR 2 s, crops
 in 5 patches of 20, D=768, depth 8, tokenizer branches 384+384, head 1024 -> 128, batch 512,
 100 epochs. Here, on the synthetic parcellated default (64 MMP parcels in the 7 Yeo
 networks, TRs 0.72-2 s): runs resampled to 1 s, crops of 20 s in 5 patches of 4 s (so that
-the 16 s task blocks the probe decodes fit in one crop), D=128 in depth 2, 1000 steps. The recipe keeps
-the original's schedules: lr 7e-4 * B / 256 with warmup from 0 (3% of the run) then cosine
-to 0, weight decay 0.05 -> 0.3 on every parameter, EMA momentum 0.99 -> 1, network-loss
+the 16 s task blocks the probe decodes fit in one crop), D=128 in depth 2, 1000 steps.
+The recipe keeps the original's schedules: lr 7e-4 * B / 256 with warmup from 0 (3% of the
+run) then cosine to 0, weight decay 0.05 -> 0.3 on every parameter, EMA momentum 0.99 -> 1,
+network-loss
 weight 0.5 cosine-decayed to 0 over the first 5% of the run, mask loss 0.5 on half the
 batches.
 """

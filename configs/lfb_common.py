@@ -13,11 +13,33 @@ import ml_collections
 
 from boldjax.config_utils import parse_arg
 
+# Named synthetic regimes (config argument `synthetic=NAME`), applied over the default fields.
+#   activation: states add HRF-shaped activation of a network pair (linearly readable from
+#               the raw window: even one training subject decodes them well).
+#   coupling:   states only make one network of the pair follow the other 1 s later; the
+#               window mean carries nothing, and a decoder must find the lagged coupling:
+#               the few-subject regime in which pretraining on unlabelled runs pays off.
+SYNTHETIC_REGIMES = {
+  "activation": {},
+  "coupling": {
+    "coupling_scale": 3.0,  # x the HRF envelope, clipped at 0.95
+    "coupling_lag_s": 1.0,
+    "task_scale": 0.0,
+    "block_seconds": 30.0,
+    "run_seconds": 300.0,
+  },
+}
+
 
 def base_config(
   task: str, arg: str | None, **extra_args
 ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-  arg = parse_arg(arg, runlocal=False, **extra_args)
+  arg = parse_arg(arg, runlocal=False, synthetic="activation", **extra_args)
+  if arg.synthetic not in SYNTHETIC_REGIMES:
+    raise ValueError(
+      f"config argument 'synthetic': expected one of {sorted(SYNTHETIC_REGIMES)}, "
+      f"found {arg.synthetic!r}"
+    )
   c = ml_collections.ConfigDict()
   c.name = task
   c.seed = 0
@@ -40,9 +62,14 @@ def base_config(
       "task_scale": 1.0,
       "noise_scale": 0.5,
       "subject_pattern_scale": 0.3,
+      "coupling_scale": 0.0,
+      "coupling_lag_s": 2.0,
+      "block_seconds": 16.0,
+      "run_seconds": 240.0,
       "seed": 0,
     }
   )
+  c.data.synthetic.update(SYNTHETIC_REGIMES[arg.synthetic])
   c.data.seq_min = 10
   c.data.seq_max = 49
   c.data.zscore = "run"

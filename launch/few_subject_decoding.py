@@ -1,6 +1,6 @@
 """Pretrained vs from-scratch decoding with few training subjects (the original's Fig. 5).
 
-  python -m launch.few_subject_decoding --out=runs/fig5 --subjects=1,2,4 --seeds=0,1,2
+  python -m launch.few_subject_decoding --out=runs/fig5 --synthetic=coupling --subjects=1,2
 
 1. pretrains one CSM GPT run (configs/csm_gpt.py) on every training subject, or reuses
    --pretrained=WORKDIR (a finished run on the same synthetic data);
@@ -33,6 +33,9 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (init, data order, s
 _STEPS = flags.DEFINE_integer("steps", 300, "Decoding steps, the same for both arms.")
 _EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out evaluation interval.")
 _SPLIT = flags.DEFINE_string("split", "test", "Held-out split to report.")
+_SYNTHETIC = flags.DEFINE_string(
+  "synthetic", "activation", "Synthetic regime of every run (configs/lfb_common.py)."
+)
 _SET = flags.DEFINE_multi_string("set", [], "key=value config overrides for every run.")
 _ARMS = flags.DEFINE_list("arms", ["scratch", "pretrained"], "Arms to run (scratch first).")
 
@@ -132,7 +135,8 @@ def main(argv) -> None:
   pretrained = _PRETRAINED.value
   if pretrained is None:
     pretrained = os.path.join(out, "pretrain_csm")
-    _train("configs/csm_gpt.py", pretrained, [f"total_steps={_PRETRAIN_STEPS.value}", *_SET.value])
+    config = f"configs/csm_gpt.py:synthetic={_SYNTHETIC.value}"
+    _train(config, pretrained, [f"total_steps={_PRETRAIN_STEPS.value}", *_SET.value])
 
   results: dict[str, dict[str, list[dict[int, float]]]] = {}
   for n in _SUBJECTS.value:
@@ -149,7 +153,8 @@ def main(argv) -> None:
           *_SET.value,
         ]
         args = ARMS[arm].format(pretrained=pretrained)
-        _train(f"configs/decode.py:{args}train_subjects={n}", workdir, overrides)
+        config = f"configs/decode.py:{args}train_subjects={n},synthetic={_SYNTHETIC.value}"
+        _train(config, workdir, overrides)
         results[n][arm].append(held_out_curve(workdir, _SPLIT.value))
 
   curves = [c for r in results.values() for a in arms for c in r[a]]

@@ -83,6 +83,35 @@ def test_task_states_activate_their_networks():
     assert diff[on].mean() > diff[~on].mean() + 0.3, (k, pair)
 
 
+def test_task_states_couple_their_networks():
+  """coupling_scale: in state k, network b of its pair (a, b) follows a lag frames later;
+  rest runs and every other network are untouched, and activations stay off."""
+  kw = dict(num_parcels=64, num_subjects=1, rest_runs=1, task_runs=4, seed=3, task_scale=0.0)
+  kw |= dict(noise_scale=0.0, global_scale=0.0, block_seconds=30.0, run_seconds=300.0)
+  plain = SyntheticBold(SyntheticBoldSpec(**kw))
+  coupled = SyntheticBold(SyntheticBoldSpec(**kw, coupling_scale=0.9, coupling_lag_s=2.0))
+  net = plain.atlas["network_of_parcel"]
+  np.testing.assert_array_equal(plain.run(0, 0)["bold"], coupled.run(0, 0)["bold"])
+  followers = {b for _, b in coupled.state_networks}
+  runs = [(plain.run(0, r), coupled.run(0, r)) for r in range(1, 5)]
+  for p, c in runs:
+    same = ~np.isin(net, list(followers))
+    np.testing.assert_array_equal(p["bold"][:, same], c["bold"][:, same])
+    assert not np.array_equal(p["bold"], c["bold"])
+  for k, (a, b) in enumerate(coupled.state_networks):
+    lagged = {}
+    for name, i in (("plain", 0), ("coupled", 1)):
+      xs, ys = [], []
+      for pair in runs:
+        r = pair[i]
+        lag = round(2.0 / r["tr"])
+        on = np.flatnonzero(r["frame_labels"][lag:] == k) + lag
+        xs.append(r["bold"][:, net == a].mean(1)[on - lag])
+        ys.append(r["bold"][:, net == b].mean(1)[on])
+      lagged[name] = np.corrcoef(np.concatenate(xs), np.concatenate(ys))[0, 1]
+    assert lagged["coupled"] > 0.7 and lagged["coupled"] > lagged["plain"] + 0.4, (k, lagged)
+
+
 def test_build_is_subject_wise_and_round_trips(tmp_path):
   spec = SyntheticBoldSpec(**SMALL)
   out = synthetic_bold.ensure_synthetic_bold(str(tmp_path), spec)

@@ -59,6 +59,11 @@ class SyntheticBoldSpec:
   subject_offset_scale: float = 0.5
   subject_gain_scale: float = 0.2
   noise_scale: float = 0.5
+  # State-dependent directed coupling: during state k's HRF envelope h(t), the latent of the
+  # second network of its pair follows the first's, coupling_lag_s earlier, with weight
+  # coupling_scale * h(t) (variance kept). 0 = none: states differ only in activation.
+  coupling_scale: float = 0.0
+  coupling_lag_s: float = 2.0
   seed: int = 0
 
   def __post_init__(self):
@@ -236,6 +241,20 @@ class SyntheticBold:
       x[i] = phi * x[i - 1] + eps[i]
     return x
 
+  def _couple(self, z: np.ndarray, envelopes: np.ndarray, tr: float) -> np.ndarray:
+    """Network b of state k's pair (a, b) follows a's latent coupling_lag_s earlier while k
+    is on: z_b <- sqrt(1 - m^2) z_b + m z_a(t - lag), m = coupling_scale * envelope_k."""
+    s = self.spec
+    lag = max(1, int(round(s.coupling_lag_s / tr)))
+    z = z.copy()
+    for k, (a, b) in enumerate(self.state_networks):
+      m = np.clip(s.coupling_scale * envelopes[:, k], 0.0, 0.95)
+      if not m.any():
+        continue
+      lead = np.concatenate([np.repeat(z[:1, a], lag), z[:-lag, a]])
+      z[:, b] = np.sqrt(1.0 - m * m) * z[:, b] + m * lead
+    return z
+
   def run(self, subject: int, run: int) -> dict[str, Any]:
     """One run as a record dict (bold float32 (T, R), tr, labels, blocks)."""
     s = self.spec
@@ -247,9 +266,8 @@ class SyntheticBold:
     net = self.atlas["network_of_parcel"]
     z = self._ar1(rng, t, self.num_networks, tr)
     glob = self._ar1(rng, t, 1, tr)[:, 0]
-    signal = s.network_scale * self.weights * z[:, net]
-    signal += s.global_scale * glob[:, None] * sub["global"]
     frame_labels = np.full(t, -1, np.int32)
+    envelopes = np.zeros((t, s.num_states))
     if is_task:
       onsets, durations, states = self._blocks(rng, t * tr)
       grid = np.arange(0.0, t * tr + HRF_DT / 2, HRF_DT)
@@ -261,11 +279,15 @@ class SyntheticBold:
           box[(grid >= on) & (grid < on + dur)] = 1.0
           frame_labels[(shifted >= on) & (shifted < on + dur)] = k
         h = np.convolve(box, self.hrf)[: len(grid)]
-        hk = np.interp(frame_t, grid, h)
-        signal += s.task_scale * hk[:, None] * sub["patterns"][k]
+        envelopes[:, k] = np.interp(frame_t, grid, h)
+      if s.coupling_scale:
+        z = self._couple(z, envelopes, tr)
     else:
       onsets = durations = np.zeros(0, np.float32)
       states = np.zeros(0, np.int32)
+    signal = s.network_scale * self.weights * z[:, net]
+    signal += s.global_scale * glob[:, None] * sub["global"]
+    signal += s.task_scale * envelopes @ sub["patterns"]
     bold = sub["offset"] + sub["gain"] * signal
     bold += s.noise_scale * rng.standard_normal(bold.shape)
     return {
