@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import boldjax  # noqa: F401  (its XLA:CPU flags must be set before jax starts a backend)
 from benchmarks import flops as flops_lib
 
 FAMILIES = ("patch_gpt", "csm_gpt", "seq_bert", "dino")
@@ -511,7 +512,9 @@ def main(argv: list[str] | None = None) -> dict:
 
   import torch
 
-  torch.set_num_threads(os.cpu_count() or 1)
+  # The cores this process may run on (taskset / cgroup pinning), not the machine's count:
+  # torch with more threads than cores loses most of its time at barriers.
+  torch.set_num_threads(len(os.sched_getaffinity(0)) or 1)
   families = FAMILIES if args.family == "all" else (args.family,)
   load, waited = (load_average(), 0.0) if args.no_wait else wait_for_idle()
   result: dict[str, Any] = {

@@ -145,3 +145,36 @@ def test_frozen_params_get_no_updates():
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_array_equal(updates["encoder"]["w"], 0.0)
   assert float(jnp.abs(updates["head"]["w"]).min()) > 1e-5
+
+
+def test_dropout_masks_are_seeded_scaled_and_at_rate():
+  from boldjax.models.layers import Dropout
+
+  x = jnp.ones((64, 50, 32), jnp.float32)
+  drop = Dropout(0.1)
+
+  def apply(seed):
+    return drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(seed)})
+
+  a, b, c = apply(0), apply(0), apply(1)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  kept = np.asarray(a) != 0
+  np.testing.assert_allclose(np.asarray(a)[kept], 1 / 0.9, rtol=1e-6)
+  assert abs(kept.mean() - 0.9) < 0.005  # 102,400 elements: sd of the rate ~0.001
+  # neighbouring elements are independent: P(both kept) ~ 0.81
+  assert abs((kept[..., 1:] & kept[..., :-1]).mean() - 0.81) < 0.01
+  np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
+  np.testing.assert_array_equal(Dropout(0.0).apply({}, x, deterministic=False), x)
+
+
+def test_default_xla_flags_respect_the_users():
+  import boldjax
+
+  flag = boldjax.DEFAULT_XLA_FLAGS[0]
+  name = flag.split("=")[0]
+  assert boldjax._with_default_xla_flags("") == flag
+  user = "--xla_force_host_platform_device_count=8"
+  assert boldjax._with_default_xla_flags(user) == f"{user} {flag}"
+  mine = f"{name}=individual_dot"
+  assert boldjax._with_default_xla_flags(f"{user} {mine}") == f"{user} {mine}"

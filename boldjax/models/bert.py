@@ -43,7 +43,7 @@ class BertLayer(nn.Module):
     h = layers.dense(self.inner_dim, ("embed", "mlp"), name="intermediate", **kw)(x)
     h = activation(self.hidden_activation)(h)
     h = layers.dense(self.embed_dim, ("mlp", "embed"), name="output", **kw)(h)
-    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = layers.Dropout(self.dropout)(h, deterministic=deterministic)
     return layers.constrain(layers.layer_norm(self.eps, name="output_norm", **kw)(x + h))
 
 
@@ -91,7 +91,7 @@ class Bert(nn.Module):
     e = x.astype(self.dtype) + pos(jnp.arange(L))[None].astype(self.dtype)
     e = e + types(token_type_ids.astype(jnp.int32)).astype(self.dtype)
     e = layers.layer_norm(self.eps, name="embeddings_norm", dtype=self.dtype)(e)
-    h = nn.Dropout(self.dropout)(e, deterministic=deterministic)
+    h = layers.Dropout(self.dropout)(e, deterministic=deterministic)
     mask = attention_mask.astype(bool)[:, None, None, :]
     for i in range(self.num_layers):
       h = BertLayer(

@@ -67,7 +67,7 @@ class GPT2Block(nn.Module):
     h = layers.dense(self.embed_dim, ("mlp", "embed"), kernel_init=proj_init, name="c_proj", **kw)(
       h
     )
-    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = layers.Dropout(self.dropout)(h, deterministic=deterministic)
     return layers.constrain(x + h)
 
 
@@ -99,7 +99,7 @@ class GPT2(nn.Module):
       name="wpe",
     )
     x = x.astype(self.dtype) + wpe(jnp.arange(L))[None].astype(self.dtype)
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = layers.Dropout(self.dropout)(x, deterministic=deterministic)
     causal = jnp.tril(jnp.ones((L, L), bool))
     mask = jnp.logical_and(causal[None, None], attention_mask.astype(bool)[:, None, None, :])
     for i in range(self.num_layers):

@@ -76,7 +76,7 @@ class Embedder(nn.Module):
       h = layers.layer_norm(1e-5, name=f"norm_{k}", dtype=self.dtype)(h)
       if k < self.num_layers - 1:
         h = layers.gelu(h, approximate=False)
-      h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+      h = layers.Dropout(self.dropout)(h, deterministic=deterministic)
     ids = tr_position_ids(t, self.tr_precision, self.tr_max)
     wt_re = nn.Embed(
       int(self.tr_max / self.tr_precision) + 1,
@@ -100,7 +100,7 @@ class Unembedder(nn.Module):
     for k in range(self.num_layers - 1):
       h = layers.dense(self.embed_dim, ("embed", "embed"), name=f"linear_{k}", **kw)(h)
       h = layers.layer_norm(1e-5, name=f"norm_{k}", dtype=self.dtype)(h)
-      h = nn.Dropout(self.dropout)(layers.gelu(h), deterministic=deterministic)
+      h = layers.Dropout(self.dropout)(layers.gelu(h), deterministic=deterministic)
     last = f"linear_{self.num_layers - 1}"
     return layers.dense(self.out_dim, ("embed", "patch"), name=last, **kw)(h)
 
@@ -133,7 +133,7 @@ class LfbModel(nn.Module):
     if self.style not in STYLES:
       raise ValueError(f"LfbModel.style: expected one of {STYLES}, found {self.style!r}")
     D, P, kw = self.embed_dim, self.in_dim, dict(dtype=self.dtype)
-    self.drop = nn.Dropout(self.dropout)
+    self.drop = layers.Dropout(self.dropout)
     self.embedder = Embedder(
       P, D, self.embed_layers, self.dropout, self.tr_precision, self.tr_max, **kw
     )

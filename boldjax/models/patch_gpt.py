@@ -112,7 +112,7 @@ class PatchGPT(nn.Module):
       for i in range(self.depth)
     ]
     self.norm = layers.layer_norm(self.layer_norm_eps, **kw)
-    self.head_drop = nn.Dropout(self.drop_rate)
+    self.head_drop = layers.Dropout(self.drop_rate)
     head_axis = "vocab" if self.categorical else "patch"
     self.head = layers.dense(self.num_outputs, ("embed", head_axis), name="head", **kw)
 

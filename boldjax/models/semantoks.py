@@ -408,7 +408,7 @@ class SemantoksEncoder(nn.Module):
     pos = net[:, None, :] + jnp.asarray(sincos_1d(D, P), jnp.float32)[None]
     h = (h + pos[None]).reshape(B, N * P, D)
     h = jnp.concatenate([jnp.broadcast_to(cls, (B, 1, D)), h], axis=1).astype(self.dtype)
-    h = nn.Dropout(self.emb_dropout)(h, deterministic=deterministic)
+    h = layers.Dropout(self.emb_dropout)(h, deterministic=deterministic)
     rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth else []
     for i in range(self.depth):
       h = SemantoksBlock(
