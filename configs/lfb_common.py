@@ -21,6 +21,7 @@ from boldjax.config_utils import parse_arg
 #               the few-subject regime in which pretraining on unlabelled runs pays off.
 SYNTHETIC_REGIMES = {
   "activation": {},
+  "distributed": {"pattern_layout": "distributed", "task_scale": 0.25},
   "coupling": {
     "coupling_scale": 3.0,  # x the HRF envelope, clipped at 0.95
     "coupling_lag_s": 1.0,
@@ -62,6 +63,7 @@ def base_config(
       "task_scale": 1.0,
       "noise_scale": 0.5,
       "subject_pattern_scale": 0.3,
+      "pattern_layout": "networks",
       "coupling_scale": 0.0,
       "coupling_lag_s": 2.0,
       "block_seconds": 16.0,

@@ -83,6 +83,24 @@ def test_task_states_activate_their_networks():
     assert diff[on].mean() > diff[~on].mean() + 0.3, (k, pair)
 
 
+def test_distributed_patterns_keep_norms_and_leave_the_networks():
+  kw = dict(num_parcels=64, num_subjects=1, seed=3)
+  grouped = SyntheticBold(SyntheticBoldSpec(**kw))
+  spread = SyntheticBold(SyntheticBoldSpec(**kw, pattern_layout="distributed"))
+  np.testing.assert_allclose(
+    np.linalg.norm(spread.patterns, axis=1), np.linalg.norm(grouped.patterns, axis=1), rtol=1e-12
+  )
+  net = grouped.atlas["network_of_parcel"]
+  for k, pair in enumerate(grouped.state_networks):
+    on = np.isin(net, pair)
+    assert (grouped.patterns[k, ~on] == 0).all()
+    # a random direction puts about its share of parcels' energy inside the pair, not all of it
+    share = (spread.patterns[k, on] ** 2).sum() / (spread.patterns[k] ** 2).sum()
+    assert 0.05 < share < 0.8, (k, share)
+  with pytest.raises(ValueError, match="pattern_layout: expected 'networks' or 'distributed'"):
+    SyntheticBold(SyntheticBoldSpec(**kw, pattern_layout="grid"))
+
+
 def test_task_states_couple_their_networks():
   """coupling_scale: in state k, network b of its pair (a, b) follows a lag frames later;
   rest runs and every other network are untouched, and activations stay off."""

@@ -55,6 +55,10 @@ class SyntheticBoldSpec:
   network_scale: float = 1.0
   global_scale: float = 0.5
   task_scale: float = 1.0
+  # "networks": state k raises the parcels of its network pair; "distributed": state k's
+  # pattern is a fixed random direction over all parcels (same norm), not aligned with the
+  # networks that carry the spontaneous fluctuations.
+  pattern_layout: str = "networks"
   subject_pattern_scale: float = 0.3
   subject_offset_scale: float = 0.5
   subject_gain_scale: float = 0.2
@@ -195,6 +199,14 @@ class SyntheticBold:
     for k, pair in enumerate(self.state_networks):
       on = np.isin(net, pair)
       patterns[k, on] = rng.uniform(0.5, 1.5, on.sum())
+    if spec.pattern_layout == "distributed":
+      spread = np.random.default_rng([spec.seed, 0xD157]).standard_normal(patterns.shape)
+      scale = np.linalg.norm(patterns, axis=1, keepdims=True)
+      patterns = spread / np.linalg.norm(spread, axis=1, keepdims=True) * scale
+    elif spec.pattern_layout != "networks":
+      raise ValueError(
+        f"pattern_layout: expected 'networks' or 'distributed', found {spec.pattern_layout!r}"
+      )
     self.patterns = patterns
     self.hrf = spm_hrf(HRF_DT)
 
