@@ -17,6 +17,7 @@ from boldjax.convert.boldgpt import convert_boldgpt, params_to_torch
 from boldjax.data.patching import PatchLayout
 from boldjax.data.tokenizer import KMeansTokenizer
 from boldjax.generate import sample
+from boldjax.models import layers
 from boldjax.models.patch_gpt import PatchGPT
 from boldjax.tasks.next_patch import unigram_baseline
 
@@ -449,3 +450,24 @@ def test_sharded_forward_matches_single_device():
     None, "tensor"
   )
   np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 12, 4), (3, 5, 12, 40)])
+def test_dense_dot_general_grads_equal_lax(shape):
+  """layers.dense_dot_general (weight grad as (dy^T x)^T when in > out) gives lax's values."""
+  b, t, k, n = shape
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((b, t, k)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+  dn = (((2,), (0,)), ((), ()))
+
+  def loss(dot):
+    return lambda x, w: jnp.sum(jnp.sin(dot(x, w, dn)))
+
+  got = jax.jit(jax.grad(loss(layers.dense_dot_general), (0, 1)))(x, w)
+  want = jax.jit(jax.grad(loss(jax.lax.dot_general), (0, 1)))(x, w)
+  for g, e in zip(got, want, strict=True):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(
+    np.asarray(layers.dense_dot_general(x, w, dn)), np.asarray(jax.lax.dot_general(x, w, dn))
+  )

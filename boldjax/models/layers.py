@@ -63,6 +63,60 @@ def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
   return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1.0 / np.sqrt(2.0))).astype(x.dtype))
 
 
+def _weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+  """x^T dy for x (..., K), dy (..., N) -> (K, N), laid out as XLA:CPU computes fastest.
+
+  Eigen's contraction producing a (K, N) = (large, small) result runs at about half speed
+  (fc2 at K=512, N=128: 11.5 vs 6.2 ms on one core; K=1536, N=384: 123 vs 94 ms), so for
+  K > N this computes (dy^T x) (N, K) and transposes it; the optimization barrier stops
+  XLA's algebraic simplifier from folding the transpose back into the dot. Same sums.
+  """
+  x2 = x.reshape(-1, x.shape[-1])
+  dy2 = dy.reshape(-1, dy.shape[-1])
+  if x2.shape[1] <= dy2.shape[1]:
+    return jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())))
+  return jax.lax.optimization_barrier(jax.lax.dot_general(dy2, x2, (((0,), (0,)), ((), ())))).T
+
+
+@jax.custom_vjp
+def _dense_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _dense_matmul_fwd(x, kernel):
+  return _dense_matmul(x, kernel), (x, kernel)
+
+
+def _dense_matmul_bwd(res, dy):
+  x, kernel = res
+  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+  return dx.astype(x.dtype), _weight_grad(x, dy).astype(kernel.dtype)
+
+
+_dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+
+
+def dense_dot_general(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  dimension_numbers: Any,
+  precision: Any = None,
+  preferred_element_type: Any = None,
+) -> jax.Array:
+  """nn.Dense's dot_general with the weight gradient of _weight_grad (same values).
+
+  Falls back to lax.dot_general for anything but Dense's own contraction (last axis of
+  lhs with axis 0 of a 2-D kernel, no batch axes, default precision and output type).
+  """
+  (lc, rc), (lb, rb) = dimension_numbers
+  plain = tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not tuple(lb) and not tuple(rb)
+  if rhs.ndim != 2 or not plain or precision is not None or preferred_element_type is not None:
+    return jax.lax.dot_general(
+      lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type
+    )
+  return _dense_matmul(lhs, rhs)
+
+
 def dense(
   features: int,
   axes: tuple[str | None, str | None],
@@ -81,6 +135,7 @@ def dense(
     param_dtype=param_dtype,
     kernel_init=partitioned(kernel_init, axes),
     bias_init=partitioned(nn.initializers.zeros_init(), (axes[1],)),
+    dot_general=dense_dot_general,
     name=name,
   )
 

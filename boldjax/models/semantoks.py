@@ -226,6 +226,7 @@ class SLConvBranch(nn.Module):
       dtype=self.dtype,
       kernel_init=layers.partitioned(torch_uniform(fan_in), (None, "embed")),
       bias_init=layers.partitioned(torch_uniform(fan_in), ("embed",)),
+      dot_general=layers.dense_dot_general,
       name="projection",
     )(y)
 
@@ -306,6 +307,7 @@ class SemantoksBlock(nn.Module):
         dtype=self.dtype,
         kernel_init=layers.partitioned(torch_uniform(fan_in), axes),
         bias_init=layers.partitioned(torch_uniform(fan_in), (axes[1],)),
+        dot_general=layers.dense_dot_general,
         name=name,
       )
 
@@ -453,6 +455,7 @@ class DinoHead(nn.Module):
         dtype=self.dtype,
         kernel_init=layers.partitioned(init, axes),
         bias_init=layers.partitioned(nn.initializers.zeros_init(), (axes[1],)),
+        dot_general=layers.dense_dot_general,
         name=f"linear_{i}",
       )(x)
       if not last:
