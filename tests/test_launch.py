@@ -35,7 +35,7 @@ def test_sweep_prints_one_command_per_point():
 
 
 def test_few_subject_summary_pairs_arms_by_seed():
-  from launch.few_subject_decoding import summarise
+  from launch.few_subject_report import summarise
 
   results = {
     "1": {
