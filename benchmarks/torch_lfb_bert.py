@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.torch_lfb_gpt import Embedder, gelu_new, load_lfb_weights
+from benchmarks.torch_lfb_gpt import Embedder, gelu_new, lfb_sizes, load_lfb_weights
 
 ACTIVATIONS = {"gelu_new": gelu_new, "gelu": F.gelu, "relu": F.relu}
 
@@ -274,16 +274,5 @@ def from_boldjax(model, params) -> SeqBert:
     )
   if model.embed_dim == model.in_dim or model.num_classes:
     raise ValueError("torch_lfb_bert: needs an unembedder (embed_dim != in_dim), no class head")
-  net = SeqBert(
-    in_dim=model.in_dim,
-    dim=model.embed_dim,
-    layers=model.num_layers,
-    heads=model.num_heads,
-    inner=model.embed_dim * model.intermediate_factor,
-    positions=model.n_positions,
-    dropout=model.dropout,
-    act=model.hidden_activation,
-    tr_precision=model.tr_precision,
-    tr_max=model.tr_max,
-  )
+  net = SeqBert(**lfb_sizes(model), act=model.hidden_activation)
   return load_lfb_weights(net, params, model)

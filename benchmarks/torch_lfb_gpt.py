@@ -9,6 +9,7 @@ output loads with strict=True. Only the CSM path (one embed / unembed layer) is 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +159,12 @@ def from_boldjax(model, params) -> CsmGPT:
     raise ValueError("torch_lfb_gpt: only CSM with one embed / unembed layer is implemented")
   if model.hidden_activation != "gelu_new" or model.embed_dim == model.in_dim:
     raise ValueError("torch_lfb_gpt: needs hidden_activation='gelu_new' and an unembedder")
-  net = CsmGPT(
+  return load_lfb_weights(CsmGPT(**lfb_sizes(model)), params, model)
+
+
+def lfb_sizes(model) -> dict[str, Any]:
+  """The torch lfb references' constructor arguments read off a boldjax LfbModel."""
+  return dict(
     in_dim=model.in_dim,
     dim=model.embed_dim,
     layers=model.num_layers,
@@ -169,7 +175,6 @@ def from_boldjax(model, params) -> CsmGPT:
     tr_precision=model.tr_precision,
     tr_max=model.tr_max,
   )
-  return load_lfb_weights(net, params, model)
 
 
 def load_lfb_weights(net: nn.Module, params, model) -> nn.Module:
