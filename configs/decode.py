@@ -5,14 +5,17 @@
 
 `init` names a pretrained workdir (its latest checkpoint is grafted in), empty = scratch;
 `freeze` trains only the pooler + head; `train_subjects` keeps only that many training
-subjects (the few-subject regime of the original's Fig. 5).
+subjects (the few-subject regime of the original's Fig. 5); `pooling` is what the pooler
+sees: "cls" (the original) or "mean" over the frames' hidden states.
 """
 
 from configs.lfb_common import base_config
 
 
 def get_config(arg=None):
-  c, arg = base_config("decode", arg, init="", backbone="csm", freeze=False, train_subjects=0)
+  c, arg = base_config(
+    "decode", arg, init="", backbone="csm", freeze=False, train_subjects=0, pooling="cls"
+  )
   c.name = f"decode_{arg.backbone}"
   c.data.mode = "decode"
   if arg.train_subjects:
@@ -20,6 +23,7 @@ def get_config(arg=None):
   c.task.backbone = arg.backbone
   c.task.init_from = arg.init or None
   c.task.freeze = arg.freeze
+  c.model.decode_pooling = arg.pooling
   c.total_steps = 300 if not arg.runlocal else 6
   c.optim.lr = 1e-4
   # Held-out subjects: report on the test split (subject-wise, never seen in training).

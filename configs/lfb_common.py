@@ -60,6 +60,8 @@ def base_config(
     {
       "num_parcels": 64,
       "num_subjects": 12,
+      "val_subjects": 2,
+      "test_subjects": 2,
       "task_scale": 1.0,
       "noise_scale": 0.5,
       "subject_pattern_scale": 0.3,
@@ -98,6 +100,7 @@ def base_config(
   c.model.num_hidden_layers_embedding_model = 1
   c.model.num_hidden_layers_unembedding_model = 1
   c.model.hidden_activation = "gelu_new"
+  c.model.decode_pooling = "cls"  # decoding runs: "cls" (the original) or "mean" over frames
 
   c.task = ml_collections.ConfigDict({"name": task})
 

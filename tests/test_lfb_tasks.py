@@ -246,6 +246,33 @@ def test_decode_metrics_and_balanced_accuracy():
   assert task.reference_metrics() == {"chance_balanced_accuracy": pytest.approx(1 / 3)}
 
 
+@pytest.mark.parametrize("backbone", ["csm", "seq_bert"])
+def test_decode_poolings_summarise_the_frames_the_pooler_sees(backbone):
+  """cls: the original's position (GPT: the CLS after the last frame, BERT: 0); mean: the
+  average over valid frames only. Either way the pooler is tanh(Linear)."""
+  task, params, _, batch = build("decode", backbone=backbone)
+  lengths = batch["length"]
+  kernel, bias = (np.asarray(params["pooler"][k]) for k in ("kernel", "bias"))
+  for pooling in ("cls", "mean"):
+    model = task.model.clone(decode_pooling=pooling)
+    out = jax.jit(functools.partial(model.apply, method="encode"))(
+      {"params": params}, batch["bold"], batch["t_sec"], batch["mask"]
+    )
+    h = np.asarray(out["hidden_states"], np.float64)
+    if pooling == "mean":
+      summary = np.stack([h[b, : lengths[b]].mean(0) for b in range(B)])
+    else:
+      at = lengths if backbone == "csm" else np.zeros(B, int)
+      summary = h[np.arange(B), at]
+    np.testing.assert_allclose(
+      out["pooler_outputs"], np.tanh(summary @ kernel + bias), rtol=1e-5, atol=1e-6
+    )
+  with pytest.raises(ValueError, match="decode_pooling.*'cls', 'mean'.*'max'"):
+    task.model.clone(decode_pooling="max").init(
+      jax.random.key(0), batch["bold"], batch["t_sec"], batch["mask"]
+    )
+
+
 def test_decode_freeze_and_load_pretrained(monkeypatch):
   pre, pre_params, _, _ = build("csm")
   task, params, extra, batch = build("decode", backbone="csm", init_from="/fake/run", freeze=True)

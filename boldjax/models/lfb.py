@@ -42,6 +42,23 @@ def tr_position_ids(t: jax.Array, precision: float = 0.2, tr_max: float = 300.0)
   return jnp.where(ids >= 0, jnp.minimum(ids, num), num)
 
 
+def cls_summary(h: jax.Array, length: jax.Array, architecture: str) -> jax.Array:
+  """The hidden state the original pools: GPT's CLS (at `length`), BERT's index 0."""
+  index = length if architecture == "gpt" else jnp.zeros_like(length)
+  return jnp.take_along_axis(h, index[:, None, None], axis=1)[:, 0]
+
+
+def mean_frame_summary(h: jax.Array, length: jax.Array, architecture: str) -> jax.Array:
+  """Mean hidden state over the valid frames (positions < length; the CLS is excluded)."""
+  del architecture
+  frames = (jnp.arange(h.shape[1])[None, :] < length[:, None]).astype(h.dtype)
+  total = jnp.einsum("bs,bsd->bd", frames, h)
+  return total / jnp.maximum(jnp.sum(frames, axis=1, keepdims=True), 1.0)
+
+
+DECODE_POOLINGS = {"cls": cls_summary, "mean": mean_frame_summary}
+
+
 def insert_at(x: jax.Array, index: jax.Array, value: jax.Array) -> jax.Array:
   """Insert value (broadcast to x[:, 0]) at per-row index: (B, S, ...) -> (B, S+1, ...)."""
   B, S = x.shape[:2]
@@ -123,6 +140,10 @@ class LfbModel(nn.Module):
   unembed_layers: int = 1
   hidden_activation: str = "gelu_new"
   num_classes: int = 0  # 0: no decoding head
+  # Decoding-mode summary fed to the pooler: "cls" as the original (GPT: the CLS after the
+  # last frame; BERT: index 0), or "mean" over the valid frames' hidden states, which keeps
+  # what a pretrained forecaster spreads over its frame outputs (see DECODE_POOLINGS).
+  decode_pooling: str = "cls"
   dtype: Any = jnp.float32
 
   @property
@@ -132,6 +153,16 @@ class LfbModel(nn.Module):
   def setup(self) -> None:
     if self.style not in STYLES:
       raise ValueError(f"LfbModel.style: expected one of {STYLES}, found {self.style!r}")
+    if self.decode_pooling not in DECODE_POOLINGS:
+      raise ValueError(
+        f"LfbModel.decode_pooling: expected one of {sorted(DECODE_POOLINGS)}, "
+        f"found {self.decode_pooling!r}"
+      )
+    if self.decode_pooling != "cls" and self.architecture == "autoencoder":
+      raise ValueError(
+        "LfbModel.decode_pooling: the autoencoder pools with its encoder; expected 'cls', "
+        f"found {self.decode_pooling!r}"
+      )
     D, P, kw = self.embed_dim, self.in_dim, dict(dtype=self.dtype)
     self.drop = layers.Dropout(self.dropout)
     self.embedder = Embedder(
@@ -309,7 +340,7 @@ class LfbModel(nn.Module):
     self, inputs: jax.Array, t: jax.Array, attention_mask: jax.Array, *, deterministic: bool = True
   ) -> dict[str, jax.Array]:
     """Decoding-mode forward without the class head: CLS inserted after the last valid frame
-    (transformers), pooled at the CLS (GPT) / index 0 (BERT) / encoder pooler (LSTM)."""
+    (transformers), summarised by decode_pooling (LSTM: the encoder pooler)."""
     if self.architecture == "autoencoder":
       embeds, ids = self.embedder(inputs, t, deterministic=deterministic)
       enc = self.autoencoder.encode(embeds, deterministic=deterministic)
@@ -327,9 +358,8 @@ class LfbModel(nn.Module):
     tp = insert_at(t.astype(jnp.float32), length, jnp.float32(-1.0))
     amp = jnp.arange(inputs.shape[1] + 1)[None, :] <= length[:, None]
     out = self._backbone(x, tp, amp, None, deterministic)
-    h = out["hidden_states"]
-    index = length if self.architecture == "gpt" else jnp.zeros_like(length)
-    pooled = jnp.take_along_axis(h, index[:, None, None], axis=1)[:, 0]
+    summary = DECODE_POOLINGS[self.decode_pooling]
+    pooled = summary(out["hidden_states"], length, self.architecture)
     out["pooler_outputs"] = self._pool(pooled, deterministic)
     out["prep/attention_mask"] = amp.astype(jnp.int32)
     out["cls_index"] = length

@@ -34,6 +34,7 @@ MODEL_FIELDS = {
   "num_hidden_layers_embedding_model": "embed_layers",
   "num_hidden_layers_unembedding_model": "unembed_layers",
   "hidden_activation": "hidden_activation",
+  "decode_pooling": "decode_pooling",
   "dtype": "dtype",
 }
 OTHER_MODEL_FIELDS = ("name", "teacher_forcing_ratio")
