@@ -150,3 +150,122 @@ def test_optimizer_schedules_are_the_originals():
     )
     np.testing.assert_allclose(float(lr(step)), float(expected_lr), rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(float(wd(step)), float(expected_wd), rtol=1e-5)
+
+
+def _masked_cosine_case(seed: int, V: int = 2, B: int = 5, T: int = 7, D: int = 6, p: int = 4):
+  rng = np.random.default_rng(seed)
+  s = jnp.asarray(rng.standard_normal((V, B, T, D)), jnp.float32)
+  t = jnp.asarray(rng.standard_normal((V, B, T, D)), jnp.float32)
+  head = {
+    "w": jnp.asarray(rng.standard_normal((D, p)), jnp.float32),
+    "b": jnp.asarray(rng.standard_normal(p), jnp.float32),
+  }
+  return rng, s, t, head
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.6, 1.0])
+@pytest.mark.parametrize("chunks", [1, 3, 8])
+def test_masked_cosine_loss_on_masked_rows_equals_the_full_heads(fraction, chunks):
+  """Heads on the compacted masked rows: the value and the gradients (head parameters and
+  student tokens) of masked_cosine_loss on every token's head output, for empty, partial and
+  full masks, chunk counts that do not divide V B T, and padded rows."""
+  rng, s, t, head = _masked_cosine_case(int(fraction * 10) + chunks)
+  mask = jnp.asarray(rng.random(s.shape[:3]) < fraction)
+  weights = jnp.asarray([1, 1, 0, 1, 1], jnp.float32)
+  apply = lambda h, x: jnp.tanh(x @ h["w"] + h["b"])
+  t_head = jax.tree.map(lambda a: a + 0.5, head)
+
+  def full(h, s):
+    return simdino_objectives.masked_cosine_loss(
+      apply(h, s), apply(t_head, t), mask, row_weights=weights
+    )
+
+  def compact(h, s):
+    return simdino_objectives.masked_cosine_loss_on_masked_rows(
+      lambda r: apply(h, r),
+      lambda r: apply(t_head, r),
+      s,
+      t,
+      mask,
+      row_weights=weights,
+      chunks=chunks,
+    )
+
+  want, want_g = jax.value_and_grad(full, argnums=(0, 1))(head, s)
+  got, got_g = jax.jit(jax.value_and_grad(compact, argnums=(0, 1)))(head, s)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  if fraction == 0.0:
+    assert float(got) == 0.0
+
+
+def test_masked_cosine_loss_on_masked_rows_runs_the_heads_on_masked_rows_only():
+  """A head that is NaN on unmasked rows leaves the loss finite when every computed chunk
+  holds masked rows only (M = 12 tokens in 4 chunks, 6 masked: chunks 0 and 1)."""
+  _, s, t, head = _masked_cosine_case(0, V=1, B=2, T=6)
+  mask = jnp.asarray([[[1, 0, 1, 0, 1, 0], [0, 1, 0, 1, 0, 1]]], bool)
+  marked_s = jnp.where(mask[..., None], s, jnp.nan)
+  loss = simdino_objectives.masked_cosine_loss_on_masked_rows(
+    lambda r: r @ head["w"], lambda r: r @ head["w"], marked_s, t, mask, chunks=4
+  )
+  want = simdino_objectives.masked_cosine_loss(s @ head["w"], t @ head["w"], mask)
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+
+
+def test_tokenizer_linear_map_equals_the_direct_branches():
+  """NetworkTokenizer(linear_map=True) (branches run on unit patches, one matmul) gives the
+  direct branches' tokens and parameter gradients, for every branch kind."""
+  import flax.linen as nn
+
+  from boldjax.models import semantoks
+
+  branches = semantoks.branches_from_config(
+    [
+      {"type": "dense", "kernel_size": 3, "out_channels": 6},
+      {"type": "dense", "kernel_size": 3, "depthwise": True, "out_channels": 4},
+      {"type": "dilated", "kernel_size": 2, "dilation": 2, "out_channels": 4},
+      {"type": "sgconv", "kernel_size": 2, "num_scales": 2, "out_channels": 10},
+    ]
+  )
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((9, 5, 3)), jnp.float32)  # (N, patch 5, R_n 3)
+  direct = semantoks.NetworkTokenizer(branches, linear_map=False)
+  mapped = semantoks.NetworkTokenizer(branches, linear_map=True)
+  variables = direct.init(jax.random.key(0), x)
+  params, buffers = nn.unbox(variables["params"]), variables["buffers"]
+  # The direct path's variables fit the mapped one (same modules, same names).
+  assert jax.tree.structure(mapped.init(jax.random.key(0), x)["params"]) == jax.tree.structure(
+    variables["params"]
+  )
+
+  def f(module, p):
+    y = module.apply({"params": p, "buffers": buffers}, x)
+    return jnp.sum(jnp.sin(3.0 * y)), y
+
+  (_, want), want_g = jax.value_and_grad(lambda p: f(direct, p), has_aux=True)(params)
+  (_, got), got_g = jax.jit(jax.value_and_grad(lambda p: f(mapped, p), has_aux=True))(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_linear_map_is_chosen_for_short_patches_only():
+  from boldjax.models import semantoks
+
+  small = semantoks.branches_from_config(
+    [
+      {"type": "dense", "kernel_size": 3, "out_channels": 64},
+      {"type": "sgconv", "kernel_size": 2, "num_scales": 2, "out_channels": 64},
+    ]
+  )
+  # dino_small: patches of 4 frames, ~9 ROIs per network -> map (4*9*128 vs 2*(3*9*64 + ...)).
+  assert semantoks.linear_map_is_cheaper(small, 4, 9)
+  # The original: patches of 20 TRs, ~50 ROIs per network, 96 + 96 channels -> direct.
+  big = semantoks.branches_from_config(
+    [
+      {"type": "dense", "kernel_size": 3, "out_channels": 96},
+      {"type": "sgconv", "kernel_size": 4, "num_scales": 3, "out_channels": 96},
+    ]
+  )
+  assert not semantoks.linear_map_is_cheaper(big, 20, 50)

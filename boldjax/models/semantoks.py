@@ -243,21 +243,65 @@ def layer_norm(name: str | None = None, eps: float = 1e-5) -> nn.LayerNorm:
   )
 
 
+def _branch_macs(b: TokenizerBranch, rois: int) -> int:
+  """Multiply-adds per time step of one branch applied directly to (.., L, rois)."""
+  if b.type == "sgconv":
+    heads = math.ceil(b.out_channels / rois)
+    taps = sum(b.kernel_size * 2 ** max(0, i - 1) for i in range(b.num_scales))
+    return heads * rois * (taps + 1) + heads * rois * b.out_channels
+  if b.depthwise:
+    return b.kernel_size * rois + rois * b.out_channels
+  return b.kernel_size * rois * b.out_channels
+
+
+def linear_map_is_cheaper(branches: Sequence[TokenizerBranch], length: int, rois: int) -> bool:
+  """Whether NetworkTokenizer's dense (L R_n, L C) map costs at most 2x the direct branches
+  (it runs as one large matmul instead of several small convolutions): short patches."""
+  width = sum(b.out_channels for b in branches)
+  return length * rois * width <= 2 * sum(_branch_macs(b, rois) for b in branches)
+
+
 class NetworkTokenizer(nn.Module):
-  """One network's patches (N, patch, R_n) -> tokens (N, sum of branch channels)."""
+  """One network's patches (N, patch, R_n) -> tokens (N, sum of branch channels).
+
+  Every branch is affine in its input (zero-padded convolutions, SLConv, Linear), so the
+  branches' concatenated output is x (N, L R_n) @ W + b with W (L R_n, L C). linear_map=True
+  computes W and b by running the branches on the L R_n unit patches and a zero patch (a
+  batch of L R_n + 1 instead of N) and applies them as one matmul: the same function of the
+  same parameters (gradients included) up to float rounding, and much faster on XLA:CPU for
+  short patches (issue #6: the direct path costs ~15 small convolution / einsum ops per
+  network). None picks it when its multiply-adds are at most 2x the direct ones
+  (linear_map_is_cheaper).
+  """
 
   branches: tuple[TokenizerBranch, ...]
   final_norm: str = "layer"  # "layer" or anything else = identity (the original's test)
   pooling: str = "mean"  # "mean" or "max"
   dtype: Dtype = jnp.float32
+  linear_map: bool | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    outs = []
-    for i, b in enumerate(self.branches):
-      cls = SLConvBranch if b.type == "sgconv" else ConvBranch
-      outs.append(cls(b, self.dtype, name=f"branch_{i}")(x))
-    y = layers.gelu(jnp.concatenate(outs, axis=-1).astype(jnp.float32), approximate=False)
+    n, L, R = x.shape
+    modules = [
+      (SLConvBranch if b.type == "sgconv" else ConvBranch)(b, self.dtype, name=f"branch_{i}")
+      for i, b in enumerate(self.branches)
+    ]
+    use_map = self.linear_map
+    if use_map is None:
+      use_map = linear_map_is_cheaper(self.branches, L, R)
+    if use_map:
+      # Unit patches e_(l, r) (row l R + r, as x.reshape(n, L R) orders them) and a zero patch.
+      probe = jnp.concatenate(
+        [jnp.eye(L * R, dtype=self.dtype).reshape(L * R, L, R), jnp.zeros((1, L, R), self.dtype)]
+      )
+      resp = jnp.concatenate([m(probe) for m in modules], axis=-1)  # (L R + 1, L, C)
+      bias = resp[-1]
+      weight = (resp[:-1] - bias).reshape(L * R, -1)
+      y = jnp.dot(x.astype(self.dtype).reshape(n, L * R), weight).reshape(n, L, -1) + bias
+    else:
+      y = jnp.concatenate([m(x) for m in modules], axis=-1)
+    y = layers.gelu(y.astype(jnp.float32), approximate=False)
     if self.pooling == "mean":
       y = jnp.mean(y, axis=1)
     elif self.pooling == "max":
@@ -338,6 +382,7 @@ class SemantoksEncoder(nn.Module):
   do_masking: bool = True
   tokenizer_final_norm: str = "layer"
   tokenizer_pooling: str = "mean"
+  tokenizer_linear_map: bool | None = None  # NetworkTokenizer.linear_map (None: when cheaper)
   drop_path_rate: float = 0.0
   emb_dropout: float = 0.0
   dtype: Dtype = jnp.float32
@@ -383,6 +428,7 @@ class SemantoksEncoder(nn.Module):
         self.tokenizer_final_norm,
         self.tokenizer_pooling,
         self.dtype,
+        self.tokenizer_linear_map,
         name=f"tokenizer_{n}",
       )(xn)
       tokens.append(t.reshape(B, P, D))

@@ -8,7 +8,9 @@ and teacher: both are fixed from the same initial kernels), "step": the last opt
 Step (SimDINOModel.forward): both views of the batch through the student (token masks applied
 on a random `mask_frequency` of the training batches, as the original's per-batch draw) and
 through the teacher (never masked, no gradient); the shared head on the CLS tokens, on the
-per-network time-averaged tokens and on every patch token; losses from
+per-network time-averaged tokens and on the masked patch tokens (static shapes: the tokens
+are sorted masked-first and the heads run on the chunks that hold masked ones,
+simdino_objectives.masked_cosine_loss_on_masked_rows); losses from
 tasks/simdino_objectives.simdino_losses. After the optimizer step, update_extra moves the
 teacher by the original's cosine momentum schedule (pre-increment step).
 
@@ -161,9 +163,11 @@ class DinoTask(Task):
     )
 
   def _heads(self, params, tokens: jax.Array) -> dict[str, jax.Array]:
+    """The head on the CLS and the per-network mean tokens (the patch tokens' heads run in
+    objectives.masked_cosine_loss_on_masked_rows, on the masked ones)."""
     parts = semantoks.split_tokens(tokens, self.num_networks, self.num_patches)
     head = lambda x: self.head.apply({"params": params["head"]}, x)
-    return {"cls": head(parts["cls"]), "net": head(parts["net"]), "patch": head(parts["patch"])}
+    return {"cls": head(parts["cls"]), "net": head(parts["net"])}
 
   def loss(
     self,
@@ -186,20 +190,33 @@ class DinoTask(Task):
     student = self._encode(params, extra["buffers"], x, m, train=train, rng=rng_drop)
     teacher = self._encode(extra["teacher"], extra["buffers"], x, None, train=False)
     teacher = jax.lax.stop_gradient(teacher)
-    s_heads = self._heads(params, student["tokens"])
-    t_heads = jax.lax.stop_gradient(self._heads(extra["teacher"], teacher["tokens"]))
     weights = row_weights(batch, B)
     per_view = lambda h: h.reshape(2, B, *h.shape[1:])
+    view_masks = jnp.stack([masks[:, 0], masks[:, 1]])  # (2, B, N, P)
+    s_heads = self._heads(params, student["tokens"])
+    t_heads = jax.lax.stop_gradient(self._heads(extra["teacher"], teacher["tokens"]))
+    mask_cos = None
+    if self.mask_loss_weight != 0:
+      # Heads on (about) the masked tokens only, as the original's x[mask] (issue #6).
+      mask_cos = objectives.masked_cosine_loss_on_masked_rows(
+        lambda r: self.head.apply({"params": params["head"]}, r),
+        lambda r: jax.lax.stop_gradient(self.head.apply({"params": extra["teacher"]["head"]}, r)),
+        per_view(student["tokens"][:, 1:]),
+        per_view(teacher["tokens"][:, 1:]),
+        view_masks.reshape(2, B, -1),
+        row_weights=weights,
+      )
     w_net = self.network_weight(extra["step"])
     losses = objectives.simdino_losses(
       {k: per_view(v) for k, v in s_heads.items()},
       {k: per_view(v) for k, v in t_heads.items()},
-      jnp.stack([masks[:, 0], masks[:, 1]]),
+      view_masks,
       w_net,
       mask_loss_weight=self.mask_loss_weight,
       eps=self.eps,
       coeff=self.coeff,
       row_weights=weights,
+      mask_cosine=mask_cos,
     )
     metrics = dict(losses)
     metrics["loss"] = losses["total_loss"]

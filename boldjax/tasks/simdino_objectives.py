@@ -8,8 +8,9 @@ Losses (SamGijsen/Brain-Semantoks simdino.py + model/simdino_loss.py, from Robin
       loss = -coeff * comp - expa
     on the CLS heads (m = B) and on the per-network time-averaged token heads (m = B N).
   - masked cosine loss: every masked token of every (view, sample) weighs 1 / #masked in
-    that (view, sample); loss = -sum(cos * weight) / (V B). Static shapes: the heads run on
-    all tokens and the boolean mask becomes weights (no x[mask]).
+    that (view, sample); loss = -sum(cos * weight) / (V B). Static shapes: the boolean mask
+    becomes weights (no x[mask]); masked_cosine_loss takes heads on all tokens,
+    masked_cosine_loss_on_masked_rows runs the heads on masked-first chunks of the tokens.
   - total = cls_loss + w_net(step) * network_mcr_loss + mask_loss_weight * mask_cosine_loss.
 
 The MCR terms see the whole (global) batch: under jit on sharded arrays m is the global
@@ -127,6 +128,62 @@ def masked_cosine_loss(
   return -jnp.sum(cos * weight) / (mask.shape[0] * rows)
 
 
+def masked_cosine_loss_on_masked_rows(
+  student_head: Callable[[jax.Array], jax.Array],
+  teacher_head: Callable[[jax.Array], jax.Array],
+  student_tokens: jax.Array,
+  teacher_tokens: jax.Array,
+  mask: jax.Array,
+  eps: float = 1e-8,
+  row_weights: jax.Array | None = None,
+  chunks: int = 8,
+) -> jax.Array:
+  """masked_cosine_loss(student_head(student_tokens), teacher_head(teacher_tokens), mask)
+  with the heads run on (about) the masked tokens only, as the original's x[mask] does.
+
+  student_tokens, teacher_tokens (V, B, T, D); mask (V, B, T) bool; the heads map rows
+  (n, D) -> (n, p). The M = V B T tokens are ordered masked-first (stable) and cut into
+  `chunks` equal slices (the last ones shorter when M does not divide); slice k runs the heads
+  only when it holds a masked token (lax.cond on the traced count), so a batch with m masked
+  tokens costs ceil(m chunks / M) slices of head work and an unmasked batch none. Unmasked
+  tokens inside a computed slice weigh exactly 0, as in masked_cosine_loss: the same terms,
+  summed in a different order.
+  """
+  s = jnp.asarray(student_tokens)
+  t = jnp.asarray(teacher_tokens)
+  mask = jnp.asarray(mask).astype(bool)
+  if s.shape != t.shape or s.ndim != 4 or mask.shape != s.shape[:3]:
+    raise ValueError(
+      f"masked_cosine_loss_on_masked_rows: tokens (V, B, T, D) and mask (V, B, T) expected, "
+      f"found {s.shape}, {t.shape}, {mask.shape}"
+    )
+  V, B, T, D = s.shape
+  maskf = mask.astype(jnp.float32)
+  rows = B
+  if row_weights is not None:
+    w = jnp.asarray(row_weights, jnp.float32)
+    maskf = maskf * w[None, :, None]
+    rows = jnp.maximum(jnp.sum(w), 1.0)
+  weight = (maskf / jnp.maximum(jnp.sum(maskf, axis=-1, keepdims=True), 1.0)).reshape(-1)
+  flat = mask.reshape(-1)
+  M = flat.shape[0]
+  count = jnp.sum(flat.astype(jnp.int32))
+  order = jnp.argsort(jnp.logical_not(flat).astype(jnp.int32), stable=True)  # masked first
+  s, t = s.reshape(M, D), t.reshape(M, D)
+  size = -(-M // max(1, int(chunks)))
+
+  def run(idx):
+    ss = _normalize(jnp.asarray(student_head(s[idx]), jnp.float32), eps)
+    tt = _normalize(jnp.asarray(teacher_head(t[idx]), jnp.float32), eps)
+    return jnp.sum(jnp.sum(tt * ss, axis=-1) * weight[idx])
+
+  zero = lambda idx: jnp.zeros((), jnp.float32)
+  total = jnp.zeros((), jnp.float32)
+  for start in range(0, M, size):
+    total = total + jax.lax.cond(count > start, run, zero, order[start : start + size])
+  return -total / (V * rows)
+
+
 def simdino_losses(
   student: Mapping[str, jax.Array],
   teacher: Mapping[str, jax.Array],
@@ -137,6 +194,7 @@ def simdino_losses(
   eps: float = 0.05,
   coeff: float = 1.0,
   row_weights: jax.Array | None = None,
+  mask_cosine: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """Every loss term of SimDINOModel.forward from the head outputs of V views.
 
@@ -147,6 +205,8 @@ def simdino_losses(
   (no mask loss; an all-False mask gives the same numbers). The network term is computed
   always (for logging) and weighted by network_loss_weight (0 switches it off).
   row_weights (B,) of 0/1 leaves padded evaluation rows out of every term.
+  mask_cosine: the masked cosine loss computed elsewhere (masked_cosine_loss_on_masked_rows);
+  then 'patch' is not needed and masks is not read.
   """
   V = student["net"].shape[0]
   s_net = jnp.reshape(student["net"], (V, -1, student["net"].shape[-1]))
@@ -167,7 +227,9 @@ def simdino_losses(
   net = {"loss": -coeff * net_comp - net_expa, "comp": net_comp, "expa": net_expa}
   w_net = jnp.asarray(network_loss_weight, jnp.float32)
   network_loss = jnp.where(w_net > 0, net["loss"] * w_net, 0.0)  # the original skips w <= 0
-  if masks is None or mask_loss_weight == 0:
+  if mask_cosine is not None:
+    mask_cos = jnp.asarray(mask_cosine, jnp.float32)
+  elif masks is None or mask_loss_weight == 0:
     mask_cos = jnp.zeros((), jnp.float32)
   else:
     m = jnp.asarray(masks).reshape(student["patch"].shape[:3])
