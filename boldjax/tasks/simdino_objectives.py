@@ -97,6 +97,20 @@ def _normalize(x: jax.Array, eps: float) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+def _masked_token_weights(
+  mask: jax.Array, row_weights: jax.Array | None
+) -> tuple[jax.Array, jax.Array | int]:
+  """(V, B, T) weights 1 / #masked of each (view, row) on its masked tokens, and the number
+  of rows counted (row_weights (B,) of 0/1 leave rows out)."""
+  mask = jnp.asarray(mask).astype(jnp.float32)
+  rows = mask.shape[1]
+  if row_weights is not None:
+    w = jnp.asarray(row_weights, jnp.float32)
+    mask = mask * w[None, :, None]
+    rows = jnp.maximum(jnp.sum(w), 1.0)
+  return mask / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0), rows
+
+
 def masked_cosine_loss(
   student: jax.Array,
   teacher: jax.Array,
@@ -119,12 +133,7 @@ def masked_cosine_loss(
       f"{s.shape}, {t.shape}, {mask.shape}"
     )
   cos = jnp.sum(_normalize(t, eps) * _normalize(s, eps), axis=-1)
-  rows = mask.shape[1]
-  if row_weights is not None:
-    w = jnp.asarray(row_weights, jnp.float32)
-    mask = mask * w[None, :, None]
-    rows = jnp.maximum(jnp.sum(w), 1.0)
-  weight = mask / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0)
+  weight, rows = _masked_token_weights(mask, row_weights)
   return -jnp.sum(cos * weight) / (mask.shape[0] * rows)
 
 
@@ -158,13 +167,8 @@ def masked_cosine_loss_on_masked_rows(
       f"found {s.shape}, {t.shape}, {mask.shape}"
     )
   V, B, T, D = s.shape
-  maskf = mask.astype(jnp.float32)
-  rows = B
-  if row_weights is not None:
-    w = jnp.asarray(row_weights, jnp.float32)
-    maskf = maskf * w[None, :, None]
-    rows = jnp.maximum(jnp.sum(w), 1.0)
-  weight = (maskf / jnp.maximum(jnp.sum(maskf, axis=-1, keepdims=True), 1.0)).reshape(-1)
+  weight, rows = _masked_token_weights(mask, row_weights)
+  weight = weight.reshape(-1)
   flat = mask.reshape(-1)
   M = flat.shape[0]
   count = jnp.sum(flat.astype(jnp.int32))
