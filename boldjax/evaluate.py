@@ -3,6 +3,7 @@
   python -m boldjax.evaluate --workdir=runs/csm_gpt
   python -m boldjax.evaluate --workdir=runs/gpt_small --protocol=logistic,attentive
   python -m boldjax.evaluate --workdir=RUN --labels=traits.csv --crops=8 --crop_frames=40
+  python -m boldjax.evaluate --workdir=runs/csm_gpt --train_subjects=1 --repeats=5
 
 Prints a markdown table (rows = the model's features and the baselines, columns =
 protocols, "mean +- sd" test balanced accuracy over --repeats subject splits, chance and
@@ -54,6 +55,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Repeated subject splits (seeds se
 _SEED = flags.DEFINE_integer("seed", 0, "First split seed.")
 _VAL = flags.DEFINE_float("val_fraction", 0.2, "Fraction of subjects for validation.")
 _TEST = flags.DEFINE_float("test_fraction", 0.2, "Fraction of subjects for test.")
+_TRAIN_SUBJECTS = flags.DEFINE_integer(
+  "train_subjects",
+  None,
+  "Label-scarce probe: train on this many of the training subjects "
+  "(val still selects hyperparameters, without the logistic refit on train + val).",
+)
 _SPLIT_BY = flags.DEFINE_enum("split_by", "subject", ["subject", "example"], "Split unit.")
 _CROPS = flags.DEFINE_integer("crops", 1, "Crops per example (parcellated data).")
 _CROP_FRAMES = flags.DEFINE_integer("crop_frames", 0, "Frames per crop (0: seq_max).")
@@ -77,6 +84,7 @@ def settings_from_flags() -> probe_evaluator.EvalSettings:
     seed=_SEED.value,
     val_fraction=_VAL.value,
     test_fraction=_TEST.value,
+    train_subjects=_TRAIN_SUBJECTS.value,
     split_by=_SPLIT_BY.value,
     crops=_CROPS.value,
     crop_frames=_CROP_FRAMES.value,

@@ -1,6 +1,7 @@
 """Probes on arrays whose answer is known: separable -> 1.0, noise -> chance, crop logits
 averaged, attention pooling equal to plain multi-head attention, subject-wise splits."""
 
+import dataclasses
 import math
 
 import jax
@@ -191,6 +192,36 @@ def test_subject_splits_stratify_subject_level_labels():
     s = probes.subject_splits(subjects, seed, labels=trait)
     test_traits = [int(trait[subjects == i][0]) for i in s["test"]]
     assert sorted(test_traits) == [0, 0, 1, 1]
+
+
+def test_subject_splits_keep_few_training_subjects():
+  subjects = _subjects(20, 3)
+  for seed in range(3):
+    full = probes.subject_splits(subjects, seed)
+    few = probes.subject_splits(subjects, seed, train_subjects=2)
+    assert len(few["train"]) == 2 and set(few["train"]) <= set(full["train"])
+    np.testing.assert_array_equal(few["val"], full["val"])
+    np.testing.assert_array_equal(few["test"], full["test"])
+  for bad in (0, len(full["train"]) + 1):
+    with pytest.raises(ValueError, match="train_subjects: expected 1..12"):
+      probes.subject_splits(subjects, 0, train_subjects=bad)
+
+
+def test_logistic_refit_on_val_is_optional():
+  # val (5x the train examples) is labelled the other way round: the refit on train + val
+  # learns val's rule, a fit on train alone keeps train's (which test shares).
+  rng = np.random.default_rng(3)
+
+  def split(n, flip):
+    y = np.tile(np.arange(2), n // 2)
+    x = np.where(y == 1, 3.0, -3.0)[:, None] + 0.1 * rng.standard_normal((n, 4))
+    return x[:, None].astype(np.float32), (1 - y if flip else y)
+
+  data = {"train": split(20, False), "val": split(100, True), "test": split(20, False)}
+  kept = probes.logistic_probe(data, 2, 0, FAST)
+  alone = probes.logistic_probe(data, 2, 0, dataclasses.replace(FAST, logistic_refit_on_val=False))
+  assert alone.test == 1.0
+  assert kept.test == 0.0
 
 
 def test_run_benchmark_marks_inapplicable_cells():

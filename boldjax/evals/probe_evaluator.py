@@ -38,6 +38,7 @@ class EvalSettings:
   seed: int = 0
   val_fraction: float = 0.2
   test_fraction: float = 0.2
+  train_subjects: int | None = None  # label-scarce probe: this many training subjects
   split_by: str = "subject"  # or "example" (leaks subjects; for data with < 3 subjects)
   crops: int = 1
   crop_frames: int = 0
@@ -59,6 +60,8 @@ def check_settings(s: EvalSettings) -> None:
     raise ValueError(f"--split_by: expected 'subject' or 'example', found {s.split_by!r}")
   if s.repeats < 1:
     raise ValueError(f"--repeats: expected >= 1, found {s.repeats}")
+  if s.train_subjects is not None and s.split_by != "subject":
+    raise ValueError(f"--train_subjects: needs --split_by=subject, found --split_by={s.split_by}")
 
 
 def model_rows(prefix: str, feats: dict[str, np.ndarray]) -> list[probes.FeatureRow]:
@@ -122,10 +125,14 @@ def evaluate_run(
       f"labels {examples.label_name!r} ({len(np.unique(examples.labels))} classes); "
       f"{len(rows)} rows x {len(settings.protocols)} protocols x {settings.repeats} splits"
     )
+  options = settings.probe
+  if settings.train_subjects is not None:  # val selects; it must not join the few subjects
+    options = dataclasses.replace(options, logistic_refit_on_val=False)
   bench = probes.run_benchmark(
     rows, examples.labels, groups, protocols=settings.protocols, repeats=settings.repeats,
     seed=settings.seed, val_fraction=settings.val_fraction,
-    test_fraction=settings.test_fraction, options=settings.probe, log=log,
+    test_fraction=settings.test_fraction, train_subjects=settings.train_subjects,
+    options=options, log=log,
   )  # fmt: skip
   names = [examples.class_names[c] for c in bench["classes"]]
   for split in bench["splits"]:

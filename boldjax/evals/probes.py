@@ -56,6 +56,9 @@ class ProbeOptions:
   attentive_heads: int = 4
   logistic_cs: tuple[float, ...] = LOGISTIC_CS
   logistic_max_iter: int = 1000
+  # Refit the chosen logistic C on train + val (Brainmarks). Off for label-scarce probes,
+  # where val only selects and the training set stays the few subjects asked for.
+  logistic_refit_on_val: bool = True
 
 
 @dataclasses.dataclass
@@ -110,9 +113,13 @@ def subject_splits(
   val_fraction: float = 0.2,
   test_fraction: float = 0.2,
   labels: np.ndarray | None = None,
+  train_subjects: int | None = None,
 ) -> dict[str, np.ndarray]:
   """Sorted subject ids of train / val / test (disjoint), as Semantoks' two-stage
   train_test_split (test = ceil(test_fraction * S) subjects, val from the rest).
+
+  train_subjects keeps a seeded subset of that many training subjects (val and test are
+  unchanged), so label-scarce curves share their test subjects with the full probe.
 
   When every subject carries one label (a trait), the split is stratified by it if each
   class has enough subjects; otherwise subjects are drawn uniformly.
@@ -156,6 +163,14 @@ def subject_splits(
       f"subject splits: {len(uniq)} subjects leave an empty split "
       f"({ {k: len(v) for k, v in out.items()} }); change val_fraction/test_fraction"
     )
+  if train_subjects is not None:
+    if not 1 <= train_subjects <= len(out["train"]):
+      raise ValueError(
+        f"train_subjects: expected 1..{len(out['train'])} (the training split of "
+        f"{len(uniq)} subjects), found {train_subjects}"
+      )
+    keep = np.random.default_rng([seed, 0x5B]).permutation(len(out["train"]))[:train_subjects]
+    out["train"] = np.sort(out["train"][keep])
   return out
 
 
@@ -545,7 +560,8 @@ def logistic_probe(
   options: ProbeOptions = ProbeOptions(),
   capacity: int | None = None,
 ) -> ProbeResult:
-  """StandardScaler + LogisticRegression; C on val, refit on train + val, test."""
+  """StandardScaler + LogisticRegression; C on val, refit on train + val (unless
+  options.logistic_refit_on_val is off), test."""
   from sklearn.exceptions import ConvergenceWarning
   from sklearn.linear_model import LogisticRegression
   from sklearn.preprocessing import StandardScaler
@@ -582,8 +598,11 @@ def logistic_probe(
     val_scores.append(scored(scaler, model, "val"))
   best = int(np.argmax(val_scores))
   best_c = options.logistic_cs[best]
-  x_va, y_va, _ = _flatten_crops(*data["val"])
-  scaler, model = fit(np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va]), best_c)
+  if options.logistic_refit_on_val:
+    x_va, y_va, _ = _flatten_crops(*data["val"])
+    scaler, model = fit(np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va]), best_c)
+  else:
+    scaler, model = fit(x_tr, y_tr, best_c)
   return ProbeResult(
     test=scored(scaler, model, "test"),
     val=float(val_scores[best]),
@@ -629,6 +648,7 @@ def run_benchmark(
   seed: int = 0,
   val_fraction: float = 0.2,
   test_fraction: float = 0.2,
+  train_subjects: int | None = None,
   options: ProbeOptions = ProbeOptions(),
   log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
@@ -650,8 +670,9 @@ def run_benchmark(
   splits = []
   for r in range(repeats):
     s = subject_splits(
-      subjects, seed + r, val_fraction=val_fraction, test_fraction=test_fraction, labels=labels
-    )
+      subjects, seed + r, val_fraction=val_fraction, test_fraction=test_fraction,
+      labels=labels, train_subjects=train_subjects,
+    )  # fmt: skip
     idx = split_indices(subjects, s)
     splits.append({"seed": seed + r, "subjects": s, "indices": idx})
   # Every split's training set fits in the largest one: one compilation per row shape.
