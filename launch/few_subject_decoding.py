@@ -8,7 +8,11 @@
    the same steps, seed and subject draw (data.split_seed = seed): from scratch and
    initialised from the pretrained run;
 3. prints a markdown table of held-out-subject balanced accuracy (mean +- sd over seeds, with
-   chance) at every evaluation step, and writes results.json + fig5.png under --out.
+   chance) at every evaluation step, and writes results.json + fig5.png under --out;
+4. with --probe (default), also probes the frozen pretrained features on n training subjects
+   (`boldjax.evaluate --train_subjects=n`, logistic) next to the same model at random init
+   and the raw windows: whether pretraining made the states easier to read before any
+   fine-tuning. Its subject splits are evaluate's (20 % test, 20 % val), not decode's.
 
 Every run is an ordinary workdir (re-running resumes/reuses finished runs). --set applies
 config overrides to every run (e.g. --set=data.synthetic.noise_scale=1.0), so pretraining and
@@ -24,7 +28,13 @@ import sys
 
 from absl import app, flags
 
-from launch.few_subject_report import count_classes, held_out_curve, plot, summarise
+from launch.few_subject_report import (
+  count_classes,
+  held_out_curve,
+  plot,
+  probe_table,
+  summarise,
+)
 
 _OUT = flags.DEFINE_string("out", "runs/fig5", "Directory of every run and the results.")
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "Existing CSM workdir (skips pretraining).")
@@ -38,6 +48,9 @@ _SYNTHETIC = flags.DEFINE_string(
   "synthetic", "activation", "Synthetic regime of every run (configs/lfb_common.py)."
 )
 _SET = flags.DEFINE_multi_string("set", [], "key=value config overrides for every run.")
+_PROBE = flags.DEFINE_bool(
+  "probe", True, "Also probe the frozen pretrained features on n training subjects."
+)
 _ARMS = flags.DEFINE_list("arms", ["scratch", "pretrained"], "Arms to run (scratch first).")
 
 # arm -> decode.py arguments; the first arm is the reference the others are compared with.
@@ -59,6 +72,22 @@ def _train(config: str, workdir: str, overrides: list[str]) -> None:
   subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
   with open(os.path.join(workdir, "done.json"), "w") as f:
     json.dump({"cmd": cmd}, f)
+
+
+def _probe(pretrained: str, n: str, out: str) -> dict:
+  """boldjax.evaluate's few-subject logistic probe of the pretrained run (reused if present)."""
+  path = os.path.join(out, f"probe_n{n}.json")
+  if not os.path.exists(path):
+    cmd = [
+      sys.executable, "-m", "boldjax.evaluate", f"--workdir={pretrained}",
+      f"--train_subjects={n}", "--protocol=logistic", "--baselines=random_init,identity",
+      f"--repeats={len(_SEEDS.value)}", f"--seed={_SEEDS.value[0]}", f"--out={path}",
+    ]  # fmt: skip
+    print(f"[probe] {' '.join(cmd[2:])}", flush=True)
+    with open(os.path.join(out, f"probe_n{n}.log"), "w") as log:
+      subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+  with open(path) as f:
+    return json.load(f)
 
 
 def main(argv) -> None:
@@ -104,6 +133,9 @@ def main(argv) -> None:
     json.dump({"chance": chance, "steps": steps, "arms": arms, "curves": results}, f, indent=1)
   plot(results, arms, steps, chance, os.path.join(out, "fig5.png"))
   print(f"wrote {out}/results.json and {out}/fig5.png")
+  if _PROBE.value:
+    print()
+    print(probe_table({n: _probe(pretrained, n, out) for n in _SUBJECTS.value}))
 
 
 if __name__ == "__main__":

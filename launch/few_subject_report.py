@@ -43,6 +43,25 @@ def summarise(results: dict, arms: list[str], steps: list[int], chance: float) -
   return "\n".join(lines)
 
 
+def probe_table(probes: dict[str, dict]) -> str:
+  """Markdown: frozen-feature logistic probes (boldjax.evaluate JSONs) per training subjects."""
+  first = next(iter(probes.values()))
+  rows = list(first["rows"])
+  lines = [
+    "frozen features, logistic probe on n training subjects: held-out balanced accuracy, "
+    f"mean +- sd over {len(first['splits'])} subject splits (chance {first['chance']:.3f})",
+    "",
+    "| train subjects | " + " | ".join(rows) + " |",
+    "|---|" + "---|" * len(rows),
+  ]
+  for n, res in probes.items():
+    cells = [res["rows"][r]["logistic"] for r in rows]
+    lines.append(
+      f"| {n} | " + " | ".join(f"{c['mean']:.3f} +- {c['sd']:.3f}" for c in cells) + " |"
+    )
+  return "\n".join(lines)
+
+
 def plot(results: dict, arms: list[str], steps: list[int], chance: float, path: str) -> None:
   """Left: accuracy vs training subjects at the last step; right: vs steps, per n."""
   import matplotlib

@@ -50,6 +50,21 @@ def test_few_subject_summary_pairs_arms_by_seed():
   assert lines[-1] == "| 1 | 100 | 0.400 +- 0.100 | 0.550 +- 0.150 | +0.150 +- 0.050 (2/2 better) |"
 
 
+def test_few_subject_probe_table_reads_evaluate_results():
+  from launch.few_subject_report import probe_table
+
+  def result(pretrained, random):
+    cell = lambda m, sd: {"logistic": {"mean": m, "sd": sd}}
+    rows = {"mean": cell(pretrained, 0.05), "random_init/mean": cell(random, 0.1)}
+    return {"rows": rows, "splits": [{}, {}, {}], "chance": 0.2}
+
+  lines = probe_table({"1": result(0.37, 0.636), "4": result(0.886, 0.933)}).splitlines()
+  assert lines[0].endswith("mean +- sd over 3 subject splits (chance 0.200)")
+  assert lines[2] == "| train subjects | mean | random_init/mean |"
+  assert lines[4] == "| 1 | 0.370 +- 0.050 | 0.636 +- 0.100 |"
+  assert lines[5] == "| 4 | 0.886 +- 0.050 | 0.933 +- 0.100 |"
+
+
 def test_synthetic_regimes_reach_the_data_spec():
   from boldjax.data.bold_pipeline import synthetic_spec
   from configs import csm_gpt, decode
