@@ -426,6 +426,8 @@ def bench_family(family: str, repeats: int, steps_per_repeat: int, warmup: int) 
     "loss_torch": tl,
     "step_s_boldjax": jax_step,
     "step_s_torch": torch_step,
+    "step_s_boldjax_repeats": jax_times,
+    "step_s_torch_repeats": torch_times,
     "tokens_per_s_boldjax": tokens / jax_step,
     "tokens_per_s_torch": tokens / torch_step,
     "ratio_boldjax_over_torch": torch_step / jax_step,

@@ -63,6 +63,7 @@ def base_config(
       "val_subjects": 2,
       "test_subjects": 2,
       "trs": (0.72, 1.0, 1.5, 2.0),  # subjects cycle through these TRs (seconds)
+      "network_scale": 1.0,  # spontaneous network fluctuations
       "task_scale": 1.0,
       "noise_scale": 0.5,
       "subject_pattern_scale": 0.3,
