@@ -14,14 +14,22 @@ import ml_collections
 from boldjax.config_utils import parse_arg
 
 # Named synthetic regimes (config argument `synthetic=NAME`), applied over the default fields.
-#   activation: states add HRF-shaped activation of a network pair (linearly readable from
-#               the raw window: even one training subject decodes them well).
-#   coupling:   states only make one network of the pair follow the other 1 s later; the
-#               window mean carries nothing, and a decoder must find the lagged coupling:
-#               the few-subject regime in which pretraining on unlabelled runs pays off.
+#   activation:  states add HRF-shaped activation of a network pair (linearly readable from
+#                the raw window: even one training subject decodes them well).
+#   distributed: weak activation along random directions over all parcels.
+#   coupling:    states only make one network of the pair follow the other 1 s later; the
+#                window mean carries nothing, and a decoder must find the lagged coupling.
+#   rhythm:      states only make their network pair oscillate together at the state's
+#                frequency; window means carry nothing, the dynamics everything.
 SYNTHETIC_REGIMES = {
   "activation": {},
   "distributed": {"pattern_layout": "distributed", "task_scale": 0.25},
+  "rhythm": {
+    "rhythm_scale": 3.0,  # x the HRF envelope, clipped at 0.95
+    "task_scale": 0.0,
+    "block_seconds": 30.0,
+    "run_seconds": 300.0,
+  },
   "coupling": {
     "coupling_scale": 3.0,  # x the HRF envelope, clipped at 0.95
     "coupling_lag_s": 1.0,
@@ -70,6 +78,7 @@ def base_config(
       "pattern_layout": "networks",
       "coupling_scale": 0.0,
       "coupling_lag_s": 2.0,
+      "rhythm_scale": 0.0,
       "block_seconds": 16.0,
       "run_seconds": 240.0,
       "seed": 0,

@@ -73,7 +73,11 @@ def test_synthetic_regimes_reach_the_data_spec():
   assert (coupled.coupling_scale, coupled.coupling_lag_s, coupled.task_scale) == (3.0, 1.0, 0.0)
   assert (coupled.block_seconds, coupled.run_seconds) == (30.0, 300.0)
   assert synthetic_spec(csm_gpt.get_config("synthetic=coupling").data) == coupled
+  rhythm = synthetic_spec(decode.get_config("synthetic=rhythm").data)
+  assert (rhythm.rhythm_scale, rhythm.coupling_scale, rhythm.task_scale) == (3.0, 0.0, 0.0)
+  assert synthetic_spec(csm_gpt.get_config("synthetic=rhythm").data) == rhythm
   default = synthetic_spec(csm_gpt.get_config().data)
   assert (default.coupling_scale, default.task_scale, default.block_seconds) == (0.0, 1.0, 16.0)
+  assert default.rhythm_scale == 0.0
   with pytest.raises(ValueError, match="'synthetic': expected one of"):
     csm_gpt.get_config("synthetic=bogus")

@@ -130,6 +130,37 @@ def test_task_states_couple_their_networks():
     assert lagged["coupled"] > 0.7 and lagged["coupled"] > lagged["plain"] + 0.4, (k, lagged)
 
 
+def test_task_states_set_their_networks_rhythm():
+  """rhythm_scale: in state k both networks of its pair oscillate together at state k's
+  frequency (the spectral peak of their mean over k's labelled frames); rest runs are
+  untouched and window means carry no state."""
+  kw = dict(num_parcels=64, num_subjects=1, rest_runs=1, task_runs=4, seed=3, task_scale=0.0)
+  kw |= dict(noise_scale=0.0, global_scale=0.0, block_seconds=30.0, run_seconds=300.0)
+  kw |= dict(trs=(1.0,))
+  plain = SyntheticBold(SyntheticBoldSpec(**kw))
+  rhythmic = SyntheticBold(SyntheticBoldSpec(**kw, rhythm_scale=3.0, rhythm_hz=(0.1, 0.3)))
+  net = plain.atlas["network_of_parcel"]
+  np.testing.assert_array_equal(plain.run(0, 0)["bold"], rhythmic.run(0, 0)["bold"])
+  freqs = np.linspace(0.1, 0.3, rhythmic.spec.num_states)
+  runs = [rhythmic.run(0, r) for r in range(1, 5)]
+  for k, (a, b) in enumerate(rhythmic.state_networks):
+    peaks, means, sync = [], [], []
+    for r in runs:
+      labels = r["frame_labels"]
+      starts = np.flatnonzero(np.diff(np.r_[0, (labels == k).astype(int)]) == 1)
+      for start in starts:
+        seg = slice(start + 5, start + 25)  # 20 s inside the block's plateau
+        x = r["bold"][seg][:, net == a].mean(1)
+        y = r["bold"][seg][:, net == b].mean(1)
+        spec = np.abs(np.fft.rfft((x + y) / 2 - ((x + y) / 2).mean(), n=200)) ** 2
+        peaks.append(np.fft.rfftfreq(200, 1.0)[np.argmax(spec)])
+        means.append(abs(x.mean()))
+        sync.append(np.corrcoef(x, y)[0, 1])
+    assert abs(np.median(peaks) - freqs[k]) < 0.02, (k, peaks)
+    assert np.median(sync) > 0.8, (k, sync)
+    assert np.median(means) < 0.5, (k, means)
+
+
 def test_build_is_subject_wise_and_round_trips(tmp_path):
   spec = SyntheticBoldSpec(**SMALL)
   out = synthetic_bold.ensure_synthetic_bold(str(tmp_path), spec)

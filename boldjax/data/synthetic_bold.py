@@ -15,6 +15,10 @@ its grayordinates. One run at TR `tr` (subjects cycle through spec.trs) is
                pair per state), plus a small per-subject perturbation
   offset_s, gain_s, g_s   per-subject parcel offsets, gains and global-signal loadings
 
+Optional dynamics-only states: coupling_scale makes one network of state k's pair follow
+the other with a lag, rhythm_scale pulls both onto a sinusoid at state k's frequency (both
+weighted by h_k and variance-keeping, applied to z before the sum above).
+
 Rest runs have no blocks. Task runs alternate fixation and blocks of the K states in a
 seeded balanced order. frame_labels[t] is the state whose block covers t*tr - hrf_shift_s
 (-1 otherwise); blocks are stored unshifted in seconds. Every run draws from
@@ -68,11 +72,18 @@ class SyntheticBoldSpec:
   # coupling_scale * h(t) (variance kept). 0 = none: states differ only in activation.
   coupling_scale: float = 0.0
   coupling_lag_s: float = 2.0
+  # State-dependent rhythm: during state k, both networks of its pair are pulled (weight
+  # rhythm_scale * h(t), clipped at 0.95, variance kept) onto one sinusoid at state k's
+  # frequency (rhythm_hz spread over the states; random phase per block). Window means stay
+  # ~0: states differ only in dynamics, which a next-frame forecaster has to model.
+  rhythm_scale: float = 0.0
+  rhythm_hz: tuple[float, float] = (0.08, 0.2)
   seed: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "trs", tuple(float(t) for t in self.trs))
     object.__setattr__(self, "fixation_seconds", tuple(float(t) for t in self.fixation_seconds))
+    object.__setattr__(self, "rhythm_hz", tuple(float(f) for f in self.rhythm_hz))
 
 
 def spm_hrf(dt: float, length_s: float = 32.0) -> np.ndarray:
@@ -267,6 +278,29 @@ class SyntheticBold:
       z[:, b] = np.sqrt(1.0 - m * m) * z[:, b] + m * lead
     return z
 
+  def _rhythm(
+    self, z: np.ndarray, envelopes: np.ndarray, onsets: np.ndarray, states: np.ndarray,
+    tr: float, rng: np.random.Generator,
+  ) -> np.ndarray:  # fmt: skip
+    """State k's pair (a, b) <- sqrt(1 - m^2) z + m sqrt(2) sin(2 pi f_k (t - onset) + phase),
+    m = rhythm_scale * envelope_k; one phase per block, drawn uniformly."""
+    s = self.spec
+    freqs = np.linspace(*s.rhythm_hz, s.num_states)
+    frame_t = np.arange(len(z)) * tr
+    phases = rng.uniform(0.0, 2 * np.pi, len(onsets))
+    z = z.copy()
+    for k, pair in enumerate(self.state_networks):
+      m = np.clip(s.rhythm_scale * envelopes[:, k], 0.0, 0.95)
+      if not m.any():
+        continue
+      # the phase of the most recent block of state k (frames before its first block: the first)
+      mine = np.flatnonzero(states == k)
+      which = np.clip(np.searchsorted(onsets[mine], frame_t, side="right") - 1, 0, None)
+      wave = np.sqrt(2.0) * np.sin(2 * np.pi * freqs[k] * frame_t + phases[mine][which])
+      for net in pair:
+        z[:, net] = np.sqrt(1.0 - m * m) * z[:, net] + m * wave
+    return z
+
   def run(self, subject: int, run: int) -> dict[str, Any]:
     """One run as a record dict (bold float32 (T, R), tr, labels, blocks)."""
     s = self.spec
@@ -294,6 +328,8 @@ class SyntheticBold:
         envelopes[:, k] = np.interp(frame_t, grid, h)
       if s.coupling_scale:
         z = self._couple(z, envelopes, tr)
+      if s.rhythm_scale:
+        z = self._rhythm(z, envelopes, onsets, states, tr, rng)
     else:
       onsets = durations = np.zeros(0, np.float32)
       states = np.zeros(0, np.int32)
