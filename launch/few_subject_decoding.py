@@ -16,7 +16,8 @@
 
 Every run is an ordinary workdir (re-running resumes/reuses finished runs). --set applies
 config overrides to every run (e.g. --set=data.synthetic.noise_scale=1.0), so pretraining and
-decoding always see the same synthetic data.
+decoding always see the same synthetic data; --decode_set only to the decoding runs (e.g.
+--decode_set=optim.lr=1e-3 --decode_set=model.decode_pooling=mean).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ _SYNTHETIC = flags.DEFINE_string(
   "synthetic", "activation", "Synthetic regime of every run (configs/lfb_common.py)."
 )
 _SET = flags.DEFINE_multi_string("set", [], "key=value config overrides for every run.")
+_DECODE_SET = flags.DEFINE_multi_string(
+  "decode_set", [], "key=value overrides for the decoding runs only (e.g. optim.lr=1e-3)."
+)
 _PROBE = flags.DEFINE_bool(
   "probe", True, "Also probe the frozen pretrained features on n training subjects."
 )
@@ -117,6 +121,7 @@ def main(argv) -> None:
           f"evals.test.every_steps={_EVERY.value}",
           f"evals.test.split={_SPLIT.value}",
           *_SET.value,
+          *_DECODE_SET.value,
         ]
         args = ARMS[arm].format(pretrained=pretrained)
         config = f"configs/decode.py:{args}train_subjects={n},synthetic={_SYNTHETIC.value}"
