@@ -282,8 +282,8 @@ class SyntheticBold:
     self, z: np.ndarray, envelopes: np.ndarray, onsets: np.ndarray, states: np.ndarray,
     tr: float, rng: np.random.Generator,
   ) -> np.ndarray:  # fmt: skip
-    """State k's pair (a, b) <- sqrt(1 - m^2) z + m sqrt(2) sin(2 pi f_k (t - onset) + phase),
-    m = rhythm_scale * envelope_k; one phase per block, drawn uniformly."""
+    """State k's pair (a, b) <- sqrt(1 - m^2) z + m sqrt(2) sin(2 pi f_k t + phase_j),
+    m = rhythm_scale * envelope_k; phase_j uniform, one per block j (the latest of state k)."""
     s = self.spec
     freqs = np.linspace(*s.rhythm_hz, s.num_states)
     frame_t = np.arange(len(z)) * tr
