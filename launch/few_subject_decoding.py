@@ -79,17 +79,23 @@ def _train(config: str, workdir: str, overrides: list[str]) -> None:
 
 
 def _probe(pretrained: str, n: str, out: str) -> dict:
-  """boldjax.evaluate's few-subject logistic probe of the pretrained run (reused if present)."""
+  """boldjax.evaluate's few-subject logistic probe of the pretrained run (reused when the file
+  holds the same subjects, seeds and repeats)."""
   path = os.path.join(out, f"probe_n{n}.json")
-  if not os.path.exists(path):
-    cmd = [
-      sys.executable, "-m", "boldjax.evaluate", f"--workdir={pretrained}",
-      f"--train_subjects={n}", "--protocol=logistic", "--baselines=random_init,identity",
-      f"--repeats={len(_SEEDS.value)}", f"--seed={_SEEDS.value[0]}", f"--out={path}",
-    ]  # fmt: skip
-    print(f"[probe] {' '.join(cmd[2:])}", flush=True)
-    with open(os.path.join(out, f"probe_n{n}.log"), "w") as log:
-      subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+  want = {"train_subjects": int(n), "seed": int(_SEEDS.value[0]), "repeats": len(_SEEDS.value)}
+  if os.path.exists(path):
+    with open(path) as f:
+      done = json.load(f)
+    if {k: done["settings"].get(k) for k in want} == want:
+      return done
+  cmd = [
+    sys.executable, "-m", "boldjax.evaluate", f"--workdir={pretrained}",
+    f"--train_subjects={n}", "--protocol=logistic", "--baselines=random_init,identity",
+    f"--repeats={want['repeats']}", f"--seed={want['seed']}", f"--out={path}",
+  ]  # fmt: skip
+  print(f"[probe] {' '.join(cmd[2:])}", flush=True)
+  with open(os.path.join(out, f"probe_n{n}.log"), "w") as log:
+    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
   with open(path) as f:
     return json.load(f)
 
