@@ -264,6 +264,16 @@ class SyntheticBold:
       x[i] = phi * x[i - 1] + eps[i]
     return x
 
+  @staticmethod
+  def _state_weight(scale: float, envelope: np.ndarray) -> np.ndarray:
+    """A state's pull on its networks' latents: scale x its HRF envelope, clipped at 0.95."""
+    return np.clip(scale * envelope, 0.0, 0.95)
+
+  @staticmethod
+  def _pull(x: np.ndarray, m: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """sqrt(1 - m^2) x + m source: unit variance kept for independent unit-variance inputs."""
+    return np.sqrt(1.0 - m * m) * x + m * source
+
   def _couple(self, z: np.ndarray, envelopes: np.ndarray, tr: float) -> np.ndarray:
     """Network b of state k's pair (a, b) follows a's latent coupling_lag_s earlier while k
     is on: z_b <- sqrt(1 - m^2) z_b + m z_a(t - lag), m = coupling_scale * envelope_k."""
@@ -271,26 +281,25 @@ class SyntheticBold:
     lag = max(1, int(round(s.coupling_lag_s / tr)))
     z = z.copy()
     for k, (a, b) in enumerate(self.state_networks):
-      m = np.clip(s.coupling_scale * envelopes[:, k], 0.0, 0.95)
+      m = self._state_weight(s.coupling_scale, envelopes[:, k])
       if not m.any():
         continue
       lead = np.concatenate([np.repeat(z[:1, a], lag), z[:-lag, a]])
-      z[:, b] = np.sqrt(1.0 - m * m) * z[:, b] + m * lead
+      z[:, b] = self._pull(z[:, b], m, lead)
     return z
 
   def _rhythm(
     self, z: np.ndarray, envelopes: np.ndarray, onsets: np.ndarray, states: np.ndarray,
-    tr: float, rng: np.random.Generator,
+    frame_t: np.ndarray, rng: np.random.Generator,
   ) -> np.ndarray:  # fmt: skip
     """State k's pair (a, b) <- sqrt(1 - m^2) z + m sqrt(2) sin(2 pi f_k t + phase_j),
     m = rhythm_scale * envelope_k; phase_j uniform, one per block j (the latest of state k)."""
     s = self.spec
     freqs = np.linspace(*s.rhythm_hz, s.num_states)
-    frame_t = np.arange(len(z)) * tr
     phases = rng.uniform(0.0, 2 * np.pi, len(onsets))
     z = z.copy()
     for k, pair in enumerate(self.state_networks):
-      m = np.clip(s.rhythm_scale * envelopes[:, k], 0.0, 0.95)
+      m = self._state_weight(s.rhythm_scale, envelopes[:, k])
       if not m.any():
         continue
       # the phase of the most recent block of state k (frames before its first block: the first)
@@ -298,7 +307,7 @@ class SyntheticBold:
       which = np.clip(np.searchsorted(onsets[mine], frame_t, side="right") - 1, 0, None)
       wave = np.sqrt(2.0) * np.sin(2 * np.pi * freqs[k] * frame_t + phases[mine][which])
       for net in pair:
-        z[:, net] = np.sqrt(1.0 - m * m) * z[:, net] + m * wave
+        z[:, net] = self._pull(z[:, net], m, wave)
     return z
 
   def run(self, subject: int, run: int) -> dict[str, Any]:
@@ -329,7 +338,7 @@ class SyntheticBold:
       if s.coupling_scale:
         z = self._couple(z, envelopes, tr)
       if s.rhythm_scale:
-        z = self._rhythm(z, envelopes, onsets, states, tr, rng)
+        z = self._rhythm(z, envelopes, onsets, states, frame_t, rng)
     else:
       onsets = durations = np.zeros(0, np.float32)
       states = np.zeros(0, np.int32)

@@ -125,14 +125,11 @@ def evaluate_run(
       f"labels {examples.label_name!r} ({len(np.unique(examples.labels))} classes); "
       f"{len(rows)} rows x {len(settings.protocols)} protocols x {settings.repeats} splits"
     )
-  options = settings.probe
-  if settings.train_subjects is not None:  # val selects; it must not join the few subjects
-    options = dataclasses.replace(options, logistic_refit_on_val=False)
   bench = probes.run_benchmark(
     rows, examples.labels, groups, protocols=settings.protocols, repeats=settings.repeats,
     seed=settings.seed, val_fraction=settings.val_fraction,
     test_fraction=settings.test_fraction, train_subjects=settings.train_subjects,
-    options=options, log=log,
+    options=settings.probe, log=log,
   )  # fmt: skip
   names = [examples.class_names[c] for c in bench["classes"]]
   for split in bench["splits"]:

@@ -657,10 +657,14 @@ def run_benchmark(
   Returns {"rows": {row: {protocol: {"mean", "sd", "test", "val", "chosen"} | {"na": why}}},
   "splits": [{"seed", "subjects": {split: ids}, "examples": {split: count}}], "chance",
   "num_classes", "classes"}. sd is the population sd over repeats (np.std, as Semantoks).
+  train_subjects: every probe trains on that many training subjects (subject_splits), and
+  the logistic probe does not refit on train + val.
   """
   unknown = [p for p in protocols if p not in PROTOCOLS]
   if unknown:
     raise KeyError(f"unknown protocols {unknown}; known: {sorted(PROTOCOLS)}")
+  if train_subjects is not None:  # val selects; it must not join the few training subjects
+    options = dataclasses.replace(options, logistic_refit_on_val=False)
   labels = np.asarray(labels)
   classes = np.unique(labels)
   y = np.searchsorted(classes, labels).astype(np.int32)
