@@ -14,6 +14,7 @@ the optimizer step in torch).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -527,7 +528,9 @@ def main(argv: list[str] | None = None) -> dict:
     "families": [],
   }
   for fam in families:
-    r = bench_family(fam, args.repeats, args.steps, args.warmup)
+    # With --json, stdout carries the JSON only: progress (dataset builds) goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+      r = bench_family(fam, args.repeats, args.steps, args.warmup)
     r["peak_rss_mb_process"] = peak_rss_mb()
     r["fraction_of_ceiling_boldjax"] = r["gflops_boldjax"] / result["matmul_ceiling_gflops"]
     result["families"].append(r)

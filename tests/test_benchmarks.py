@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from benchmarks import dots as dots_lib
 from benchmarks import flops as flops_lib
 from boldjax import optim
 from boldjax import state as state_lib
@@ -125,6 +126,51 @@ def test_csm_flops_by_hand():
 def test_dense_flops_equal_xla():
   a, w = jnp.ones((96, 40)), jnp.ones((40, 24))
   assert _cost(jnp.dot, a, w) == flops_lib.dense(96, 40, 24)
+
+
+# ---------------------------------------------------------------------------------------
+# The matmul floor reads every dot of a compiled step.
+# ---------------------------------------------------------------------------------------
+def test_dot_einsum_and_flops_by_hand():
+  d = dots_lib.Dot("f32", (2, 3, 4), (2, 5, 4), (0,), (2,), (0,), (2,))
+  assert d.einsum() == "abc,adc->abd"
+  assert d.flops == 2 * 2 * 3 * 5 * 4
+  w = dots_lib.Dot("f32", (7, 6), (7, 9), (), (0,), (), (0,))  # a weight gradient x^T dy
+  assert w.einsum() == "ab,ac->bc"
+  assert w.flops == 2 * 6 * 9 * 7
+
+
+def test_parse_dots_finds_every_dot_and_the_conditional_ones():
+  x, w = jnp.ones((64, 32)), jnp.ones((32, 48))
+  q, k = jnp.ones((3, 40, 16)), jnp.ones((3, 24, 16))
+  v = jnp.ones((48, 56))
+
+  def step(x, w, q, k, v, flag):
+    h = x @ w
+    s = jnp.einsum("bqd,bkd->bqk", q, k)
+    g = jax.lax.cond(flag, lambda: h @ v, lambda: jnp.zeros((64, 56)))
+    return h.sum() + s.sum() + g.sum()
+
+  hlo = jax.jit(step).lower(x, w, q, k, v, True).compile().as_text()
+  found = dots_lib.parse_dots(hlo)
+  assert sorted(d.flops for d in found.dots) == sorted([2.0 * 64 * 32 * 48, 2.0 * 3 * 40 * 24 * 16])
+  assert [d.flops for d in found.conditional] == [2.0 * 64 * 48 * 56]
+  # Each parsed dot's einsum computes what dot_general computes with its dimension numbers.
+  rng = np.random.default_rng(0)
+  for d in found.dots + found.conditional:
+    a, b = rng.standard_normal(d.lhs), rng.standard_normal(d.rhs)
+    numbers = ((d.lhs_contracting, d.rhs_contracting), (d.lhs_batch, d.rhs_batch))
+    expected = jax.lax.dot_general(a, b, numbers, precision="highest")
+    np.testing.assert_allclose(np.einsum(d.einsum(), a, b), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_parse_dots_refuses_a_step_with_a_loop():
+  def step(x, w, n):
+    return jax.lax.fori_loop(0, n, lambda i, h: jnp.tanh(h @ w), x).sum()
+
+  hlo = jax.jit(step).lower(jnp.ones((16, 16)), jnp.ones((16, 16)), 3).compile().as_text()
+  with pytest.raises(ValueError, match="while loop"):
+    dots_lib.parse_dots(hlo)
 
 
 # ---------------------------------------------------------------------------------------
