@@ -35,11 +35,12 @@ import numpy as np
 import boldjax  # noqa: F401  (its XLA:CPU flags must be set before jax starts a backend)
 from benchmarks import flops as flops_lib
 
-FAMILIES = ("patch_gpt", "csm_gpt", "seq_bert", "dino")
+FAMILIES = ("patch_gpt", "csm_gpt", "seq_bert", "net_bert", "dino")
 CONFIGS = {
   "patch_gpt": "configs.gpt_small",
   "csm_gpt": "configs.csm_gpt",
   "seq_bert": "configs.seq_bert",
+  "net_bert": "configs.net_bert",
   "dino": "configs.dino_small",
 }
 # Config changes that keep shapes but make both sides do the same work every step: the
@@ -298,16 +299,22 @@ def build_torch(family: str, side: JaxSide) -> TorchSide:
 
     def eval_loss():
       return model.loss(b, fixed_i)
-  elif family == "seq_bert":
+  elif family in ("seq_bert", "net_bert"):
     from benchmarks import torch_lfb_bert
 
     model = torch_lfb_bert.from_boldjax(side.task.model, params)
     rate = side.task.masking_rate
-    fixed_mask = torch.from_numpy(np.array(seq_bert_parity_mask(side)))
+    fixed_mask = torch.from_numpy(np.array(bert_parity_mask(side)))
+    parcels = side.host_batch["bold"].shape[-1]
 
-    def loss():  # the original: packed pair, frames masked with torch.rand every step
+    def draw(attention_mask):  # the original's masks, drawn with torch.rand every step
+      if family == "seq_bert":
+        return torch_lfb_bert.draw_frame_mask(attention_mask, rate)
+      return torch_lfb_bert.draw_parcel_mask(attention_mask, parcels, rate)
+
+    def loss():
       packed = torch_lfb_bert.pack_pair(b)
-      return model.loss(packed, torch_lfb_bert.draw_frame_mask(packed["attention_mask"], rate))
+      return model.loss(packed, draw(packed["attention_mask"]))
 
     def eval_loss():
       return model.loss(torch_lfb_bert.pack_pair(b), fixed_mask)
@@ -332,8 +339,8 @@ def build_torch(family: str, side: JaxSide) -> TorchSide:
   )
 
 
-def seq_bert_parity_mask(side: JaxSide) -> jax.Array:
-  """(B, Ta+Tb) frame mask boldjax's deterministic Seq-BERT loss draws for rng=key(0)."""
+def bert_parity_mask(side: JaxSide) -> jax.Array:
+  """(B, Ta+Tb, R) mask boldjax's deterministic Seq-/Network-BERT loss draws for key(0)."""
   from boldjax.tasks.seq_bert import pack_pair
 
   task = side.task
@@ -341,7 +348,7 @@ def seq_bert_parity_mask(side: JaxSide) -> jax.Array:
   b, tb, _, lb = task._frames(side.host_batch, "_next")
   x, _, am, _ = pack_pair(a, ta, la, b, tb, lb)
   mask_rng = jax.random.split(jax.random.key(0))[0]
-  return task.draw_mask(mask_rng, am, x.shape[-1])[..., 0]
+  return task.draw_mask(mask_rng, am, x.shape[-1])
 
 
 def parity_losses(side: JaxSide, tside: TorchSide) -> tuple[float, float]:
@@ -448,8 +455,9 @@ def bench_family(family: str, repeats: int, steps_per_repeat: int, warmup: int) 
 def shapes_and_flops(family: str, side: JaxSide) -> tuple[dict, flops_lib.FlopCount]:
   """Batch, tokens per row (what tokens/s counts), width, depth, and the analytic FLOPs.
 
-  Tokens per row: patch GPT N + 1 (subject token); CSM the padded frames S; Seq-BERT the
-  packed pair Ta + Tb + 3 (two SEPs and the CLS); DINO 2 views x (1 + N*P) student tokens.
+  Tokens per row: patch GPT N + 1 (subject token); CSM the padded frames S; Seq- and
+  Network-BERT the packed pair Ta + Tb + 3 (two SEPs and the CLS); DINO 2 views x (1 + N*P)
+  student tokens.
   """
   task, host = side.task, side.host_batch
   if family == "dino":
@@ -464,7 +472,7 @@ def shapes_and_flops(family: str, side: JaxSide) -> tuple[dict, flops_lib.FlopCo
     shapes = dict(batch=B, tokens_per_row=N + 1, width=model.embed_dim, depth=model.depth)
     return shapes, flops_lib.patch_gpt(model, B)
   B, S = host["bold"].shape[:2]
-  if family == "seq_bert":
+  if family in ("seq_bert", "net_bert"):
     L = S + host["bold_next"].shape[1] + 3
     shapes = dict(batch=B, tokens_per_row=L, width=model.embed_dim, depth=model.num_layers)
     return shapes, flops_lib.seq_bert(model, B, L)

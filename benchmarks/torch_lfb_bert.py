@@ -146,8 +146,17 @@ def draw_frame_mask(attention_mask: torch.Tensor, rate: float) -> torch.Tensor:
   return (u >= 1.0 - rate) & attention_mask.bool()
 
 
+def draw_parcel_mask(attention_mask: torch.Tensor, parcels: int, rate: float) -> torch.Tensor:
+  """MNMEmbedder.mask_inputs: one torch.rand per (row, parcel); a parcel drawn >= 1 - rate
+  is masked at every valid frame. (B, S, parcels)."""
+  u = torch.rand((attention_mask.shape[0], parcels), device=attention_mask.device)
+  return (u >= 1.0 - rate)[:, None, :] & attention_mask.bool()[..., None]
+
+
 class SeqBert(nn.Module):
-  """Model(BERTEmbedder, BERTModel decoder, UnEmbedder) with the Seq-BERT objective."""
+  """Model(BERTEmbedder, BERTModel decoder, UnEmbedder) with the Seq-BERT objective, or with
+  `netbert` the Network-BERT one (NetBERTEmbedder: a masked entry (t, p) becomes the scalar
+  msk_embed[0, t, 0]; masks are per (frame, parcel))."""
 
   def __init__(
     self,
@@ -161,9 +170,13 @@ class SeqBert(nn.Module):
     act: str = "gelu_new",
     tr_precision: float = 0.2,
     tr_max: float = 300.0,
+    netbert: bool = False,
   ):
     super().__init__()
+    self.netbert = netbert
     self.embedder = Embedder(in_dim, dim, dropout, tr_precision, tr_max)
+    if netbert:
+      self.embedder.msk_embed = nn.Parameter(torch.randn(1, positions, 1))
     self.embedder.sep_embed = nn.Parameter(torch.randn(1, in_dim))
     self.decoder = nn.Module()
     self.decoder.transformer = BertModel(dim, layers, heads, inner, positions, dropout, act)
@@ -180,14 +193,18 @@ class SeqBert(nn.Module):
     token_type_ids: torch.Tensor,
     frame_mask: torch.Tensor,
   ) -> dict[str, torch.Tensor]:
-    """Masking, add_sep_embeds and add_cls_embed as the original (shapes S -> S+2 -> S+3)."""
+    """Masking, add_sep_embeds and add_cls_embed as the original (shapes S -> S+2 -> S+3).
+
+    frame_mask: (B, S) whole frames (Seq-BERT) or (B, S, P) entries (Network-BERT).
+    """
     B, S, P = inputs.shape
     emb = self.embedder
     am, tt = attention_mask.bool(), token_type_ids.long()
     la = (am & (tt == 0)).sum(1, keepdim=True)
     lb = (am & (tt == 1)).sum(1, keepdim=True)
-    mm = frame_mask.bool() & am
-    x = torch.where(mm[..., None], emb.msk_embed, inputs)
+    mm = frame_mask.bool()
+    mm = (mm[..., None].expand(B, S, P) if mm.ndim == 2 else mm) & am[..., None]
+    x = torch.where(mm, emb.msk_embed[:, :S] if self.netbert else emb.msk_embed, inputs)
     # add_sep_embeds: [a, SEP, b, SEP, zeros] (S+2); SEPs are not modelled (mask 0).
     j = torch.arange(S + 2, device=inputs.device)[None, :]
     in_a, in_b = j < la, (j > la) & (j <= la + lb)
@@ -199,7 +216,7 @@ class SeqBert(nn.Module):
     t2 = torch.where(frames, torch.gather(t_rs, 1, src), torch.zeros((), dtype=t_rs.dtype))
     t2 = torch.where(sep1 | sep2, -1.0, t2)
     tt2 = torch.where(frames, torch.gather(tt, 1, src), 0) + sep2.long()
-    mm2 = torch.where(frames, torch.gather(mm, 1, src), False)
+    mm2 = torch.where(frames[..., None], _gather_time(mm, src), False)
     # add_cls_embed: CLS inserted at la+lb+2 (after the last SEP); token types and the
     # modelling mask are LEFT-padded with one zero instead (the +1 shift of the original).
     c = la + lb + 2
@@ -209,13 +226,13 @@ class SeqBert(nn.Module):
     t3 = torch.where(k == c, -1.0, torch.gather(t2, 1, src3))
     zero = torch.zeros((B, 1), dtype=tt2.dtype, device=tt2.device)
     tt3 = torch.cat([zero, tt2], dim=1)
-    mm3 = torch.cat([zero.bool(), mm2], dim=1)
+    mm3 = torch.cat([torch.zeros((B, 1, P), dtype=torch.bool, device=mm2.device), mm2], dim=1)
     return {
       "inputs_embeds": x3,
       "t_rs": t3,
       "attention_mask": (k <= c).long(),
       "token_type_ids": tt3,
-      "modelling_mask": mm3[..., None].expand(B, S + 3, P),
+      "modelling_mask": mm3,
       "frame_mask": mm,
     }
 
@@ -239,11 +256,10 @@ class SeqBert(nn.Module):
     is_next: torch.Tensor,
     frame_mask: torch.Tensor,
   ) -> dict[str, torch.Tensor]:
-    """masking_loss + is_next_loss on a packed batch with the given frame mask (B, S)."""
+    """masking_loss + is_next_loss on a packed batch with the given mask ((B, S) or (B, S, P))."""
     prep = self.prep_batch(inputs, t_rs, attention_mask, token_type_ids, frame_mask)
     out = self.forward(prep)
-    P = inputs.shape[-1]
-    target = inputs.masked_select(prep["frame_mask"][..., None].expand(-1, -1, P))
+    target = inputs.masked_select(prep["frame_mask"])
     pred = out["outputs"].masked_select(prep["modelling_mask"])
     masking = F.l1_loss(pred, target)
     nsp = F.binary_cross_entropy_with_logits(
@@ -264,15 +280,15 @@ class SeqBert(nn.Module):
 
 
 def from_boldjax(model, params) -> SeqBert:
-  """A torch SeqBert holding the same weights as a boldjax LfbModel(style='bert')."""
+  """A torch SeqBert holding the same weights as a boldjax LfbModel(style='bert'|'netbert')."""
 
-  if model.style != "bert" or model.embed_layers != 1 or model.unembed_layers != 1:
+  if model.style not in ("bert", "netbert") or model.embed_layers != 1 or model.unembed_layers != 1:
     raise ValueError(
-      "torch_lfb_bert: only Seq-BERT (style 'bert') with one embed / unembed layer is "
-      f"implemented, found style={model.style!r}, embed_layers={model.embed_layers}, "
-      f"unembed_layers={model.unembed_layers}"
+      "torch_lfb_bert: only Seq-/Network-BERT (style 'bert' / 'netbert') with one embed / "
+      f"unembed layer is implemented, found style={model.style!r}, "
+      f"embed_layers={model.embed_layers}, unembed_layers={model.unembed_layers}"
     )
   if model.embed_dim == model.in_dim or model.num_classes:
     raise ValueError("torch_lfb_bert: needs an unembedder (embed_dim != in_dim), no class head")
-  net = SeqBert(**lfb_sizes(model), act=model.hidden_activation)
+  net = SeqBert(**lfb_sizes(model), act=model.hidden_activation, netbert=model.style == "netbert")
   return load_lfb_weights(net, params, model)

@@ -273,8 +273,8 @@ def test_torch_optimizer_step_equals_optax():
 PARITY_DIR = Path(__file__).resolve().parents[2] / "shared" / "parity"
 
 
-def _bert_model(**kw) -> LfbModel:
-  return LfbModel(style="bert", in_dim=12, embed_dim=16, num_layers=2, num_heads=2, **kw)
+def _bert_model(style: str = "bert", **kw) -> LfbModel:
+  return LfbModel(style=style, in_dim=12, embed_dim=16, num_layers=2, num_heads=2, **kw)
 
 
 def _bert_pair_batch(seed: int = 0, T: int = 7) -> dict[str, np.ndarray]:
@@ -380,20 +380,26 @@ def test_dino_flops_match_xla_cost_analysis():
   assert 1.0 <= ratio <= 1.25, ratio
 
 
-def test_torch_seq_bert_same_loss():
+@pytest.mark.parametrize("style", ["bert", "netbert"])
+def test_torch_seq_and_net_bert_same_loss(style):
   torch = pytest.importorskip("torch")
   from benchmarks import torch_lfb_bert
   from boldjax.tasks.seq_bert import bert_losses, pack_pair
 
-  m = _bert_model(dropout=0.1)
+  m = _bert_model(dropout=0.1, style=style)
   batch = _bert_pair_batch()
   j = jnp.asarray
   x, t, am, tt = pack_pair(
     j(batch["bold"]), j(batch["t_sec"]), j(batch["length"]),
     j(batch["bold_next"]), j(batch["t_sec_next"]), j(batch["length_next"]),
   )  # fmt: skip
-  frames = (np.random.default_rng(5).random(am.shape) < 0.3) & np.asarray(am)
-  mm = np.broadcast_to(frames[..., None], x.shape)
+  rng = np.random.default_rng(5)
+  if style == "bert":  # whole frames
+    frames = (rng.random(am.shape) < 0.3) & np.asarray(am)
+    mm = np.broadcast_to(frames[..., None], x.shape)
+  else:  # whole parcels across the valid frames
+    frames = (rng.random((B, 1, x.shape[-1])) < 0.3) & np.asarray(am)[..., None]
+    mm = frames
   params = _random_params(jax.eval_shape(m.init, jax.random.key(0), x, t, am)["params"])
   out = jax.jit(lambda p: m.apply({"params": p}, x, t, am, tt, mm, method="bert"))(params)
   is_next = 1 - batch["next_is_consecutive"].astype(np.int32)
@@ -442,6 +448,40 @@ def test_torch_seq_bert_matches_the_original_fixture():
   for k in ("inputs_embeds", "t_rs", "token_type_ids", "modelling_mask", "attention_mask"):
     want = outputs[f"prep/{k}"]
     np.testing.assert_array_equal(prep[k].numpy().astype(want.dtype), want, err_msg=k)
+  for k in ("loss", "masking_loss", "is_next_loss", "is_next_logits"):
+    np.testing.assert_allclose(got[k].numpy(), outputs[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_torch_net_bert_matches_the_original_fixture():
+  """Network-BERT: the original's prepared batch, masked entries and losses."""
+  torch = pytest.importorskip("torch")
+  from benchmarks import torch_lfb_bert
+  from boldjax.convert.lfb import IGNORED, model_kwargs_from_spec
+
+  spec, sd, inputs, outputs = _fixture("lfb_netbert")
+  kw = model_kwargs_from_spec(spec)
+  net = torch_lfb_bert.SeqBert(
+    kw["in_dim"], kw["embed_dim"], kw["num_layers"], kw["num_heads"],
+    kw["embed_dim"] * kw["intermediate_factor"], kw["n_positions"], kw["dropout"],
+    kw["hidden_activation"], netbert=True,
+  ).eval()  # fmt: skip
+  keep = {k: torch.from_numpy(v) for k, v in sd.items()
+          if not any(p.fullmatch(k) for p in IGNORED) and "decoding_head" not in k}  # fmt: skip
+  net.load_state_dict(keep, strict=True)
+  names = ("inputs", "t_rs", "attention_mask", "token_type_ids", "is_next")
+  args = {k: torch.from_numpy(inputs[k]) for k in names}
+  # The original's draw: one uniform per (row, parcel), masked at every valid frame.
+  mask = inputs["network_mask"][:, None, :] & inputs["attention_mask"].astype(bool)[..., None]
+  args["frame_mask"] = torch.from_numpy(mask)
+  with torch.no_grad():
+    got = net.losses(**args)
+    prep = net.prep_batch(*(args[k] for k in names if k != "is_next"), args["frame_mask"])
+  for k in ("inputs_embeds", "t_rs", "token_type_ids", "modelling_mask", "attention_mask"):
+    want = outputs[f"prep/{k}"]
+    np.testing.assert_array_equal(prep[k].numpy().astype(want.dtype), want, err_msg=k)
+  np.testing.assert_array_equal(
+    inputs["inputs"][prep["frame_mask"].numpy()], outputs["prep/masked_inputs"]
+  )
   for k in ("loss", "masking_loss", "is_next_loss", "is_next_logits"):
     np.testing.assert_allclose(got[k].numpy(), outputs[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
