@@ -83,6 +83,20 @@ def seq_bert(model, batch: int, length: int) -> FlopCount:
   return FlopCount(blocks.matmul + io + heads, blocks.attention)
 
 
+def lstm_autoencoder(model, batch: int, length: int) -> FlopCount:
+  """boldjax LfbModel(style='autoencoder') on (batch, length) frames: embedder, L
+  bidirectional encoder LSTMs, pooler, L decoder LSTMs stepped `length` times with the
+  output Linear at every step, unembedder. An LSTM costs x W_ih and h W_hh (4D gates each)
+  per step and direction; the gates' elementwise work is not counted."""
+  D, P, L = model.embed_dim, model.in_dim, model.num_layers
+  tokens = batch * length
+  lstm = 2 * dense(tokens, D, 4 * D)  # input and recurrent projections over all steps
+  encoder = L * 2 * lstm + dense(batch, D, D)  # two directions per layer, pooler
+  decoder = L * lstm + dense(tokens, D, D)  # one direction, output Linear per step
+  io = dense(tokens, P, D) + dense(tokens, D, P)
+  return FlopCount(encoder + decoder + io, 0.0)
+
+
 def semantoks_tokenizers(encoder, sequences: int) -> float:
   """Network tokenizers of a SemantoksEncoder on `sequences` inputs (forward FLOPs).
 

@@ -35,12 +35,13 @@ import numpy as np
 import boldjax  # noqa: F401  (its XLA:CPU flags must be set before jax starts a backend)
 from benchmarks import flops as flops_lib
 
-FAMILIES = ("patch_gpt", "csm_gpt", "seq_bert", "net_bert", "dino")
+FAMILIES = ("patch_gpt", "csm_gpt", "seq_bert", "net_bert", "autoencoder", "dino")
 CONFIGS = {
   "patch_gpt": "configs.gpt_small",
   "csm_gpt": "configs.csm_gpt",
   "seq_bert": "configs.seq_bert",
   "net_bert": "configs.net_bert",
+  "autoencoder": "configs.autoencoder",
   "dino": "configs.dino_small",
 }
 # Config changes that keep shapes but make both sides do the same work every step: the
@@ -318,6 +319,18 @@ def build_torch(family: str, side: JaxSide) -> TorchSide:
 
     def eval_loss():
       return model.loss(torch_lfb_bert.pack_pair(b), fixed_mask)
+  elif family == "autoencoder":
+    from benchmarks import torch_lfb_autoencoder
+
+    model = torch_lfb_autoencoder.from_boldjax(side.task.model, params)
+    ratio = side.task.teacher_forcing_ratio
+    x, t, valid = b["bold"], b["t_sec"], b["mask"].bool()
+
+    def loss():  # the original: one teacher-forcing coin per batch
+      return model.loss(x, t, valid, teacher_forcing=bool(torch.rand(()) < ratio))
+
+    def eval_loss():
+      return model.loss(x, t, valid)
   elif family == "dino":
     from benchmarks import torch_semantoks
 
@@ -455,7 +468,8 @@ def bench_family(family: str, repeats: int, steps_per_repeat: int, warmup: int) 
 def shapes_and_flops(family: str, side: JaxSide) -> tuple[dict, flops_lib.FlopCount]:
   """Batch, tokens per row (what tokens/s counts), width, depth, and the analytic FLOPs.
 
-  Tokens per row: patch GPT N + 1 (subject token); CSM the padded frames S; Seq- and
+  Tokens per row: patch GPT N + 1 (subject token); CSM and the LSTM autoencoder the padded
+  frames S; Seq- and
   Network-BERT the packed pair Ta + Tb + 3 (two SEPs and the CLS); DINO 2 views x (1 + N*P)
   student tokens.
   """
@@ -477,6 +491,8 @@ def shapes_and_flops(family: str, side: JaxSide) -> tuple[dict, flops_lib.FlopCo
     shapes = dict(batch=B, tokens_per_row=L, width=model.embed_dim, depth=model.num_layers)
     return shapes, flops_lib.seq_bert(model, B, L)
   shapes = dict(batch=B, tokens_per_row=S, width=model.embed_dim, depth=model.num_layers)
+  if family == "autoencoder":
+    return shapes, flops_lib.lstm_autoencoder(model, B, S)
   return shapes, flops_lib.csm_gpt(model, B, S)
 
 

@@ -486,6 +486,62 @@ def test_torch_net_bert_matches_the_original_fixture():
     np.testing.assert_allclose(got[k].numpy(), outputs[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_torch_autoencoder_matches_the_original_fixture():
+  """The LSTM autoencoder on the original's weights: every stage and the loss."""
+  torch = pytest.importorskip("torch")
+  from benchmarks import torch_lfb_autoencoder
+  from boldjax.convert.lfb import IGNORED, model_kwargs_from_spec
+
+  spec, sd, inputs, outputs = _fixture("lfb_autoencoder")
+  kw = model_kwargs_from_spec(spec)
+  net = torch_lfb_autoencoder.LstmAutoencoder(
+    kw["in_dim"], kw["embed_dim"], kw["num_layers"], kw["dropout"]
+  ).eval()
+  keep = {k: torch.from_numpy(v) for k, v in sd.items() if not any(p.fullmatch(k) for p in IGNORED)}
+  net.load_state_dict(keep, strict=True)
+  x, t = torch.from_numpy(inputs["inputs"]), torch.from_numpy(inputs["t_rs"])
+  with torch.no_grad():
+    got = net(x, t)
+    loss = net.loss(x, t, torch.from_numpy(inputs["attention_mask"]))
+  for k in ("embeds", "encoder/outputs", "encoder/pooler_outputs", "decoder/outputs", "outputs"):
+    np.testing.assert_allclose(got[k].numpy(), outputs[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  np.testing.assert_allclose(got["encoder/hidden"].numpy(), outputs["encoder/hidden"][0], atol=1e-6)
+  np.testing.assert_allclose(float(loss), outputs["loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("forcing", [False, True])
+def test_torch_autoencoder_same_loss(forcing):
+  torch = pytest.importorskip("torch")
+  from benchmarks import torch_lfb_autoencoder
+  from boldjax.tasks.autoencoder import reconstruction_loss
+
+  m = LfbModel(style="autoencoder", in_dim=12, embed_dim=16, num_layers=2, dropout=0.2)
+  rng = np.random.default_rng(3)
+  lengths = np.array([7, 4, 6])
+  valid = np.arange(7)[None] < lengths[:, None]
+  x = (rng.standard_normal((B, 7, 12)) * valid[..., None]).astype(np.float32)
+  t = (np.arange(7)[None] * 0.72 * valid).astype(np.float32)
+  abstract = jax.eval_shape(lambda: m.init(jax.random.key(0), x, t, method="autoencode"))
+  params = _random_params(abstract["params"])
+  out = m.apply({"params": params}, x, t, forcing, method="autoencode")
+  want = reconstruction_loss(out["outputs"], x, valid, jnp.ones(B))
+  net = torch_lfb_autoencoder.from_boldjax(m, jax.device_get(params)).eval()
+  with torch.no_grad():
+    got = net.loss(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(valid), forcing)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+def test_lstm_autoencoder_flops_by_hand():
+  m = LfbModel(style="autoencoder", in_dim=10, embed_dim=16, num_layers=2)
+  c = flops_lib.lstm_autoencoder(m, 4, 7)
+  t = 28  # 4 x 7 frames; an LSTM is 2 matmuls of 16 -> 64 per frame and direction
+  lstm = 2 * 2 * t * 16 * 64
+  assert c.matmul == 2 * 2 * lstm + 2 * 4 * 16 * 16 + 2 * lstm + 2 * t * 16 * 16 + 2 * (
+    2 * t * 10 * 16
+  )
+  assert c.attention == 0.0
+
+
 def _dino_task(total_steps: int = 10, lr: float = 1e-2):
   import types
 
