@@ -168,6 +168,20 @@ def _mix32(h: jax.Array) -> jax.Array:
   return h ^ (h >> 16)
 
 
+def hash_dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+  """Inverted dropout of x with cheap counter-hash random bits (see Dropout); key: a jax
+  PRNG key (threefry: two words are drawn from it)."""
+  if rate == 0.0:
+    return x
+  if rate >= 1.0:
+    return jnp.zeros_like(x)
+  seed = jax.random.bits(key, (2,), jnp.uint32)
+  counter = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)
+  bits = _mix32(_mix32(counter ^ seed[0]) + seed[1])
+  keep = bits >= jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 class Dropout(nn.Module):
   """Inverted dropout (nn.Dropout's contract) with cheap counter-hash random bits.
 
@@ -186,13 +200,7 @@ class Dropout(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     if deterministic or self.rate == 0.0:
       return x
-    if self.rate >= 1.0:
-      return jnp.zeros_like(x)
-    seed = jax.random.bits(self.make_rng(self.rng_collection), (2,), jnp.uint32)
-    counter = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)
-    bits = _mix32(_mix32(counter ^ seed[0]) + seed[1])
-    keep = bits >= jnp.uint32(min(round(self.rate * 2.0**32), 2**32 - 1))
-    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+    return hash_dropout(x, self.rate, self.make_rng(self.rng_collection))
 
 
 class DropPath(nn.Module):
