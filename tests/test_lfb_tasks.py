@@ -221,6 +221,45 @@ def test_autoencoder_teacher_forcing_only_in_training():
   )
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lstm_custom_backward_equals_autodiff_of_the_scan(reverse):
+  """run_lstm's hand-written backward through time (dW_hh as one matmul after the loop)
+  gives the gradients jax's autodiff of the plain step-by-step scan gives."""
+  from boldjax.models import lstm
+
+  rng = np.random.default_rng(0)
+  B, S, D = 3, 9, 8
+  shapes = {"weight_ih": (D, 4 * D), "weight_hh": (D, 4 * D), "bias_ih": (4 * D,)}
+  w = {k: jnp.asarray(0.3 * rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+  w["bias_hh"] = jnp.asarray(0.3 * rng.standard_normal(4 * D), jnp.float32)
+  x, g = (jnp.asarray(rng.standard_normal((B, S, D)), jnp.float32) for _ in range(2))
+  h0, c0, gh, gc = (jnp.asarray(rng.standard_normal((B, D)), jnp.float32) for _ in range(4))
+
+  def plain(w, x, h0, c0):
+    xp = x @ w["weight_ih"] + w["bias_ih"]
+
+    def step(carry, xt):
+      h, c = lstm.lstm_step(w, xt, *carry)
+      return (h, c), h
+
+    (h, c), ys = jax.lax.scan(step, (h0, c0), jnp.swapaxes(xp, 0, 1), reverse=reverse)
+    return jnp.swapaxes(ys, 0, 1), (h, c)
+
+  def loss(fn):
+    def f(w, x, h0, c0):
+      ys, (h, c) = fn(w, x, h0, c0)
+      return (ys * g).sum() + (h * gh).sum() + (c * gc).sum()
+
+    return f
+
+  custom = functools.partial(lstm.run_lstm, reverse=reverse)
+  np.testing.assert_allclose(loss(custom)(w, x, h0, c0), loss(plain)(w, x, h0, c0), rtol=1e-6)
+  want = jax.grad(loss(plain), argnums=(0, 1, 2, 3))(w, x, h0, c0)
+  got = jax.grad(loss(custom), argnums=(0, 1, 2, 3))(w, x, h0, c0)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_metrics_and_balanced_accuracy():
   task, params, extra, batch = build("decode", backbone="seq_bert")
   batch = {**batch, "label": np.array([0, 0, 1, 2], np.int32), "valid": np.ones(B, bool)}

@@ -16,7 +16,8 @@ the previous output (after dropout -> Linear -> dropout), or, with teacher forci
 once per batch, training only), the embedded frame at the SAME index as the original does.
 
 The decoder loop runs in `jax.lax.scan` on explicitly fetched weights (pure functions), so
-no flax module is called inside the scan.
+no flax module is called inside the scan. The encoder's recurrences have a hand-written
+backward through time (`_recurrence`) that forms dW_hh as one matmul after the loop.
 """
 
 from __future__ import annotations
@@ -123,18 +124,79 @@ def lstm_step(
   return h, c
 
 
+def _gates_scan(w_hh, b_hh, xs, h0, c0):
+  """The recurrence over time-major xs (S, B, 4H) -> (hs, final h, final c, saved)."""
+
+  def step(carry, xt):
+    h_prev, c_prev = carry
+    z = xt + h_prev @ w_hh + b_hh
+    zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
+    c = f * c_prev + i * g
+    tc = jnp.tanh(c)
+    h = o * tc
+    return (h, c), (h, (h_prev, c_prev, i, f, g, o, tc))
+
+  (h, c), (hs, saved) = jax.lax.scan(step, (h0, c0), xs)
+  return hs, h, c, saved
+
+
+@jax.custom_vjp
+def _recurrence(w_hh, b_hh, xs, h0, c0):
+  hs, h, c, _ = _gates_scan(w_hh, b_hh, xs, h0, c0)
+  return hs, h, c
+
+
+def _recurrence_fwd(w_hh, b_hh, xs, h0, c0):
+  hs, h, c, saved = _gates_scan(w_hh, b_hh, xs, h0, c0)
+  return (hs, h, c), (w_hh, saved)
+
+
+def _recurrence_bwd(res, cotangents):
+  """Backward through time with dW_hh as ONE matmul after the loop (autodiff of the scan
+  would accumulate it step by step: S small dots and adds)."""
+  w_hh, (h_prev, c_prev, i, f, g, o, tc) = res
+  d_hs, d_h, d_c = cotangents
+
+  def step(carry, xs):
+    dh, dc = carry
+    dy, h_p, c_p, i_t, f_t, g_t, o_t, tc_t = xs
+    dh = dh + dy
+    dc = dc + dh * o_t * (1.0 - tc_t * tc_t)
+    dz = jnp.concatenate(
+      [
+        dc * g_t * i_t * (1.0 - i_t),
+        dc * c_p * f_t * (1.0 - f_t),
+        dc * i_t * (1.0 - g_t * g_t),
+        dh * tc_t * o_t * (1.0 - o_t),
+      ],
+      axis=-1,
+    )
+    return (dz @ w_hh.T, dc * f_t), dz
+
+  (dh0, dc0), dzs = jax.lax.scan(
+    step, (d_h, d_c), (d_hs, h_prev, c_prev, i, f, g, o, tc), reverse=True
+  )
+  H4 = dzs.shape[-1]
+  d_w = h_prev.reshape(-1, h_prev.shape[-1]).T @ dzs.reshape(-1, H4)
+  return d_w, dzs.reshape(-1, H4).sum(0), dzs, dh0, dc0
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
 def run_lstm(
   w: dict[str, jax.Array], x: jax.Array, h0: jax.Array, c0: jax.Array, *, reverse: bool = False
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """x (B, S, In) -> outputs (B, S, H), final (h, c); reverse runs from t = S-1 to 0."""
   x_proj = x @ w["weight_ih"].astype(x.dtype) + w["bias_ih"].astype(x.dtype)
-
-  def step(carry, xt):
-    h, c = lstm_step(w, xt, *carry)
-    return (h, c), h
-
-  (h, c), ys = jax.lax.scan(step, (h0, c0), jnp.swapaxes(x_proj, 0, 1), reverse=reverse)
-  return jnp.swapaxes(ys, 0, 1), (h, c)
+  xs = jnp.swapaxes(x_proj, 0, 1)
+  if reverse:
+    xs = xs[::-1]
+  hs, h, c = _recurrence(w["weight_hh"].astype(x.dtype), w["bias_hh"].astype(x.dtype), xs, h0, c0)
+  if reverse:
+    hs = hs[::-1]
+  return jnp.swapaxes(hs, 0, 1), (h, c)
 
 
 class LSTMEncoder(nn.Module):
