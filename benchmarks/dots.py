@@ -199,9 +199,8 @@ def time_torch(dot: Dot, repeats: int = 7) -> float:
     return _best_seconds(lambda: torch.einsum(equation, lhs, rhs), repeats)
 
 
-def floor(family: str, repeats: int = 7, with_torch: bool = True) -> dict[str, Any]:
-  """The family's step dots timed alone: sums, FLOPs, and the slowest shapes."""
-  side = run.build_jax(run.load_config(family))
+def floor(family: str, side: run.JaxSide, repeats: int = 7) -> dict[str, Any]:
+  """The family's step dots (side: run.build_jax's) timed alone: sums, FLOPs, slowest shapes."""
   hlo = side.step.lower(side.state, side.batch).compile().as_text()
   step = parse_dots(hlo)
   counts = collections.Counter(step.dots)
@@ -209,7 +208,7 @@ def floor(family: str, repeats: int = 7, with_torch: bool = True) -> dict[str, A
   rows = []
   for dot in sorted(set(counts) | set(cond_counts), key=lambda d: -d.flops):
     t_jax = time_jax(dot, repeats)
-    t_torch = time_torch(dot, repeats) if with_torch else float("nan")
+    t_torch = time_torch(dot, repeats)
     rows.append(
       dict(
         einsum=dot.einsum(),
@@ -313,14 +312,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
   for fam in families:
     # With --json, stdout carries the JSON only: progress (dataset builds) goes to stderr.
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+      side = run.build_jax(run.load_config(fam))
       try:
-        result = floor(fam, args.repeats)
+        result = floor(fam, side, args.repeats)
       except ValueError as e:  # a step whose dots run in a loop (the LSTM autoencoder)
         results.append({"family": fam, "error": str(e)})
         print(f"## {fam}: no floor: {e}", file=sys.stderr if args.json else sys.stdout)
         continue
       if not args.no_steps:
-        step = run.bench_family(fam, repeats=5, steps_per_repeat=3, warmup=2)
+        step = run.bench_family(fam, repeats=5, steps_per_repeat=3, warmup=2, side=side)
         result["targets"] = against_targets(result, step, ceiling)
     result["matmul_ceiling_gflops"] = ceiling
     results.append(result)

@@ -395,12 +395,14 @@ def wait_for_idle(threshold: float = 1.2, max_wait_s: float = 600.0, poll_s: flo
   return load_average(), waited
 
 
-def bench_family(family: str, repeats: int, steps_per_repeat: int, warmup: int) -> dict:
+def bench_family(
+  family: str, repeats: int, steps_per_repeat: int, warmup: int, side: JaxSide | None = None
+) -> dict:
+  """Both steps timed alternately; `side`: an already built boldjax side of this family."""
   import torch
 
   log = compile_log()
-  config = load_config(family)
-  side = build_jax(config)
+  side = side if side is not None else build_jax(load_config(family))
   tside = build_torch(family, side)
   jl, tl = parity_losses(side, tside)
   if not math.isclose(jl, tl, rel_tol=LOSS_RTOL):

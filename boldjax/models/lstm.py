@@ -118,10 +118,18 @@ def lstm_step(
 ) -> tuple[jax.Array, jax.Array]:
   """One LSTM step from the projected input x W_ih + b_ih (B, 4H); gates i, f, g, o."""
   gates = x_proj + h @ w["weight_hh"].astype(h.dtype) + w["bias_hh"].astype(h.dtype)
-  i, f, g, o = jnp.split(gates, 4, axis=-1)
-  c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-  h = jax.nn.sigmoid(o) * jnp.tanh(c)
+  h, c, _ = _cell(gates, c)
   return h, c
+
+
+def _cell(z: jax.Array, c_prev: jax.Array):
+  """Gate pre-activations z (B, 4H) and c_prev -> h, c and (i, f, g, o, tanh c), the
+  activations the hand-written backward needs."""
+  zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
+  i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
+  c = f * c_prev + i * g
+  tc = jnp.tanh(c)
+  return o * tc, c, (i, f, g, o, tc)
 
 
 def _gates_scan(w_hh, b_hh, xs, h0, c0):
@@ -129,13 +137,8 @@ def _gates_scan(w_hh, b_hh, xs, h0, c0):
 
   def step(carry, xt):
     h_prev, c_prev = carry
-    z = xt + h_prev @ w_hh + b_hh
-    zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
-    i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
-    c = f * c_prev + i * g
-    tc = jnp.tanh(c)
-    h = o * tc
-    return (h, c), (h, (h_prev, c_prev, i, f, g, o, tc))
+    h, c, acts = _cell(xt + h_prev @ w_hh + b_hh, c_prev)
+    return (h, c), (h, (h_prev, c_prev, *acts))
 
   (h, c), (hs, saved) = jax.lax.scan(step, (h0, c0), xs)
   return hs, h, c, saved
