@@ -27,7 +27,12 @@ setup(
       "nbformat==5.11.1",
       "nbclient==0.11.0",
       "ipykernel==7.4.0",
+      "portpicker==1.6.0",
+      # gs:// workdirs tested offline against a local GCS emulator
+      "gcsfs==2026.10.1",
+      "gcp-storage-emulator==2026.7.19",
     ],
+    "gcs": ["gcsfs==2026.10.1"],  # gs:// workdirs and data paths (etils.epath's backend)
     "bench": ["torch==2.13.0"],
   },
 )

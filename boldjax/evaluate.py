@@ -38,7 +38,7 @@ import dataclasses
 
 from absl import app, flags
 
-from boldjax import workdir
+from boldjax import cli, workdir
 from boldjax.evals import probe_evaluator, probes
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained run directory.", required=True)
@@ -110,4 +110,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_absl("python -m boldjax.evaluate", main)

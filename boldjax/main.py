@@ -5,7 +5,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from boldjax import distributed, train
+from boldjax import cli, distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs); resumes.")
@@ -25,4 +25,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run_absl("python -m boldjax.main", main)

@@ -11,15 +11,16 @@ import argparse
 import sys
 import time
 
-from boldjax import registry
+from boldjax import cli, registry
+
+PROG = "python -m boldjax.prepare"
 
 
 def build_parser() -> argparse.ArgumentParser:
   import boldjax.data  # noqa: F401  (registers the built-in importers)
 
-  parser = argparse.ArgumentParser(
-    prog="python -m boldjax.prepare", description="Import raw data into a boldjax dataset."
-  )
+  parser = cli.ArgumentParser(prog=PROG, description="Import raw data into a boldjax dataset.")
+  parser.add_argument(cli.VERBOSE_FLAG, action="store_true", help="show tracebacks")
   sub = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
   for name in registry.names("importer"):
     importer = registry.get("importer", name)
@@ -37,4 +38,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.run_argparse(PROG, main, sys.argv[1:])

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from boldjax import generate, workdir
+from boldjax import cli, generate, workdir
 from boldjax.data import pipeline_for
 from boldjax.geometry.plotting import plot_flat_maps
 
@@ -89,4 +89,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_absl("python -m boldjax.sample", main)

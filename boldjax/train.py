@@ -17,6 +17,7 @@ import optax
 from boldjax import checkpoint, optim, registry, sharding
 from boldjax import metrics as metrics_lib
 from boldjax import state as state_lib
+from boldjax.cli import InputError
 from boldjax.data import pipeline_for
 from boldjax.state import TrainState
 
@@ -25,7 +26,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
-  checkpoint.save_config(workdir, config)
+  check_resumable(workdir, config, say)
 
   # ---------------------------------------------------------------------------------------
   # Mesh and data.
@@ -36,9 +37,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
   global_bs = config.data.batch_size
   if global_bs % data_ways or global_bs % jax.process_count():
-    raise ValueError(
-      f"config.data.batch_size={global_bs} must be a multiple of the data-parallel devices "
-      f"({data_ways}) and of the process count ({jax.process_count()})"
+    raise InputError(
+      f"config.data.batch_size: expected a multiple of the data-parallel devices "
+      f"({data_ways}) and of the process count ({jax.process_count()}), found {global_bs}"
     )
   say(
     f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "
@@ -103,6 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       say("initialised from scratch")
     else:
       say(f"resumed from {workdir} at step {start}")
+    checkpoint.save_config(workdir, config)  # only now: a refused or failed restore keeps it
 
     evaluators = [
       registry.get("evaluator", ev.type)(
@@ -110,6 +112,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       )
       for name, ev in config.evals.items()
     ]
+    if start >= config.total_steps:
+      say(f"run complete at step {start} ({workdir}): nothing to train")
+      final = finished_table(workdir, start, state, evaluators, task.reference_metrics())
+      print_summary(say, final)
+      return final
     writer = metrics_lib.MetricWriter(workdir)
     if start == 0:
       writer.write_hparams(config.to_dict())
@@ -122,6 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     accumulator = metrics_lib.MetricAccumulator()
     final: dict[str, float] = {}
     t_start = time.perf_counter()
+    preempted = False
     stop = checkpoint.StopSignal()  # SIGTERM (preemption): checkpoint now, exit cleanly
     for step in range(start + 1, total + 1):
       batch = sharding.to_global(next(train_iter), batch_sh)
@@ -169,17 +177,66 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # Summary.
   # ---------------------------------------------------------------------------------------
   reference = task.reference_metrics()
-  if start < total:
-    say(f"done: {total - start} steps in {time.perf_counter() - t_start:.0f}s")
-  if final or reference:
-    say("final evaluation:")
-    for k, v in final.items():
-      say(f"  {k:<28s} {v:.4f}")
-    for k, v in reference.items():
-      say(f"  baseline {k:<19s} {v:.4f}")
-    writer.write_scalars(total, {f"baseline/{k}": v for k, v in reference.items()})
+  say(f"done: {total - start} steps in {time.perf_counter() - t_start:.0f}s")
+  writer.write_scalars(total, {f"baseline/{k}": v for k, v in reference.items()})
   writer.close()
-  return {**final, **{f"baseline/{k}": v for k, v in reference.items()}}
+  final = {**final, **{f"baseline/{k}": v for k, v in reference.items()}}
+  if is_main:
+    checkpoint.write_json(checkpoint.path(workdir) / checkpoint.FINAL_FILE,
+                          {"step": total, "metrics": final})  # fmt: skip
+  print_summary(say, final)
+  return final
+
+
+def check_resumable(workdir: str, config: ml_collections.ConfigDict, say) -> None:
+  """Refuse, before anything is built or written, a resume that would train another run."""
+  root = checkpoint.path(workdir)
+  marker = root / checkpoint.CONVERTED_FILE
+  if marker.exists():
+    source = checkpoint.read_json(marker).get("source", "a published checkpoint")
+    raise InputError(
+      f"{root}: field 'workdir': expected a training run to resume, found a converted "
+      f"checkpoint of {source} (it has no data-iterator state); fine-tune from it with "
+      f"--config.task.init_from={workdir} and a new --workdir"
+    )
+  saved = root / checkpoint.CONFIG_FILE
+  if not checkpoint.saved_steps(workdir) or not saved.exists():
+    return  # nothing to resume: a new run (a stale config.json is replaced)
+  refused, allowed = checkpoint.config_changes(checkpoint.load_config(workdir), config)
+  if refused:
+    raise InputError(
+      f"{saved}: the resumed run's config differs in {len(refused)} key(s): "
+      + "; ".join(refused)
+      + f". Only {', '.join(checkpoint.SAFE_ON_RESUME)} may change on resume; "
+      "use a new --workdir to train another configuration"
+    )
+  if allowed:
+    say("resuming with changed settings: " + "; ".join(allowed))
+
+
+def finished_table(workdir: str, step: int, state, evaluators, reference) -> dict[str, float]:
+  """The final table of a finished run: saved at its end, or (killed before) recomputed."""
+  file = checkpoint.path(workdir) / checkpoint.FINAL_FILE
+  if file.exists():
+    saved = checkpoint.read_json(file)
+    if saved.get("step") == step:
+      return saved["metrics"]
+  final: dict[str, float] = {}
+  for ev in evaluators:
+    final.update(dict(ev.run(state, step)))
+  final.update({f"baseline/{k}": v for k, v in reference.items()})
+  if jax.process_index() == 0:
+    checkpoint.write_json(file, {"step": step, "metrics": final})
+  return final
+
+
+def print_summary(say, final: dict[str, float]) -> None:
+  if not final:
+    return
+  say("final evaluation:")
+  for k, v in final.items():
+    label = f"baseline {k.removeprefix('baseline/')}" if k.startswith("baseline/") else k
+    say(f"  {label:<28s} {v:.4f}")
 
 
 def make_train_step(task, tx: optax.GradientTransformation, schedule, step_rng, accum_steps: int):

@@ -59,6 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 64
   c.data.num_workers = 0
 
+  if arg.size not in SIZES:
+    raise ValueError(f"config argument 'size': expected one of {sorted(SIZES)}, found {arg.size!r}")
   embed_dim, heads = SIZES[arg.size]
   c.model = ml_collections.ConfigDict()
   c.model.name = "patch_gpt"
@@ -74,7 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.drop_path_rate = 0.0
   c.model.dtype = "float32"
 
-  c.task = ml_collections.ConfigDict({"name": "next_patch", "target": arg.target})
+  # init_from: a workdir (trained, or from `python -m boldjax.convert`) to start from; "" = none.
+  c.task = ml_collections.ConfigDict({"name": "next_patch", "target": arg.target, "init_from": ""})
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4

@@ -27,8 +27,9 @@ import os
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from boldjax import cli
 from launch.few_subject_report import (
   count_classes,
   held_out_curve,
@@ -72,10 +73,43 @@ def _train(config: str, workdir: str, overrides: list[str]) -> None:
   cmd = [sys.executable, "-m", "boldjax.main", f"--config={config}", f"--workdir={workdir}"]
   cmd += [f"--config.{kv}" for kv in overrides]
   print(f"[run] {' '.join(cmd[2:])}", flush=True)
-  log = open(os.path.join(os.path.dirname(workdir) or ".", os.path.basename(workdir) + ".log"), "w")
-  subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+  _run(cmd, os.path.join(os.path.dirname(workdir) or ".", os.path.basename(workdir) + ".log"))
   with open(os.path.join(workdir, "done.json"), "w") as f:
     json.dump({"cmd": cmd}, f)
+
+
+def _run(cmd: list[str], log_path: str) -> None:
+  """Run a child command into its log; a child's refusal of its input is ours (exit 2)."""
+  with open(log_path, "w") as log:
+    code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+  if code == cli.EXIT_BAD_INPUT:
+    with open(log_path) as log:
+      reason = [line for line in log.read().splitlines() if ": error: " in line][-1:]
+    raise cli.InputError(f"{' '.join(cmd[2:])}: {' '.join(reason) or 'bad input'} (log {log_path})")
+  if code:
+    raise RuntimeError(f"{' '.join(cmd[2:])} failed with exit status {code}; see {log_path}")
+
+
+def check_flags() -> None:
+  """Everything a child run would refuse, refused before any folder is made."""
+  from configs.lfb_common import SYNTHETIC_REGIMES
+
+  unknown = [a for a in _ARMS.value if a not in ARMS]
+  if unknown:
+    raise cli.InputError(f"--arms: expected names from {sorted(ARMS)}, found {unknown}")
+  if _SYNTHETIC.value not in SYNTHETIC_REGIMES:
+    raise cli.InputError(
+      f"--synthetic: expected one of {sorted(SYNTHETIC_REGIMES)}, found {_SYNTHETIC.value!r}"
+    )
+  for name, values in (("--subjects", _SUBJECTS.value), ("--seeds", _SEEDS.value)):
+    bad = [v for v in values if not v.isdigit()]
+    if bad or not values:
+      raise cli.InputError(f"{name}: expected non-negative integers, found {values}")
+  pretrained = _PRETRAINED.value
+  if pretrained is not None and not os.path.exists(os.path.join(pretrained, "config.json")):
+    raise cli.InputError(
+      f"{pretrained}/config.json: --pretrained: expected a boldjax workdir, found no config.json"
+    )
 
 
 def _probe(pretrained: str, n: str, out: str) -> dict:
@@ -94,20 +128,17 @@ def _probe(pretrained: str, n: str, out: str) -> dict:
     f"--repeats={want['repeats']}", f"--seed={want['seed']}", f"--out={path}",
   ]  # fmt: skip
   print(f"[probe] {' '.join(cmd[2:])}", flush=True)
-  with open(os.path.join(out, f"probe_n{n}.log"), "w") as log:
-    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+  _run(cmd, os.path.join(out, f"probe_n{n}.log"))
   with open(path) as f:
     return json.load(f)
 
 
 def main(argv) -> None:
   del argv
+  check_flags()
   out = _OUT.value
   os.makedirs(out, exist_ok=True)
   arms = list(_ARMS.value)
-  unknown = [a for a in arms if a not in ARMS]
-  if unknown:
-    raise app.UsageError(f"--arms: expected names from {sorted(ARMS)}, found {unknown}")
   pretrained = _PRETRAINED.value
   if pretrained is None:
     pretrained = os.path.join(out, "pretrain_csm")
@@ -150,4 +181,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_absl("python -m launch.few_subject_decoding", main)

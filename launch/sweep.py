@@ -14,6 +14,8 @@ import sys
 
 from absl import app, flags
 
+from boldjax import cli
+
 _CONFIG = flags.DEFINE_string("config", None, "Config file (path[:args]).", required=True)
 _ROOT = flags.DEFINE_string("workdir_root", "runs/sweep", "Parent of the per-point workdirs.")
 _PRINT = flags.DEFINE_bool("print", False, "Print the commands instead of running them.")
@@ -56,4 +58,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_absl("python -m launch.sweep", main)

@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from boldjax import prepare
 from boldjax.data import nsd_flat, records, transforms
+from tests.cli_helpers import prepare_refuses
 
 H, W = nsd_flat.HEIGHT, nsd_flat.WIDTH
 
@@ -163,16 +163,14 @@ def test_cli_shards_mask_limit_and_arrow(tmp_path):
     np.testing.assert_array_equal(got_arrow[1000 + i][1]["activity"], maps[i])
 
 
-def test_clear_errors(tmp_path):
+def test_clear_errors(tmp_path, capsys):
   maps = _maps(10, seed=2)
   rows = _rows(maps)
 
   def check(rows, message, schema=SCHEMA, name="bad.parquet"):
     src = _write_parquet(tmp_path / name, rows, schema)
     out = tmp_path / f"out_{name}"
-    with pytest.raises(ValueError, match=message):
-      nsd_flat.import_nsd_flat(src, str(out))
-    assert not out.exists()
+    prepare_refuses(capsys, ["nsd_flat", src, f"--out={out}"], message, out)
 
   corrupt = {**rows, "activity": list(rows["activity"])}
   corrupt["activity"][3] = {"bytes": rows["activity"][3]["bytes"][:60], "path": None}
@@ -201,13 +199,14 @@ def test_clear_errors(tmp_path):
     r"nulls\.parquet: row 0, field 'session_id': expected a value, found null",
     name="nulls.parquet",
   )
-  with pytest.raises(ValueError, match=r"mask\.npy: shape expected \(215, 200\), found \(5, 5\)"):
-    np.save(tmp_path / "mask.npy", np.ones((5, 5), bool))
-    src = _write_parquet(tmp_path / "ok.parquet", rows)
-    nsd_flat.import_nsd_flat(src, str(tmp_path / "o"), mask=str(tmp_path / "mask.npy"))
-  with pytest.raises(FileNotFoundError, match="no \\*.parquet or \\*.arrow files"):
-    os.makedirs(tmp_path / "empty")
-    nsd_flat.import_nsd_flat(str(tmp_path / "empty"), str(tmp_path / "o2"))
+  np.save(tmp_path / "mask.npy", np.ones((5, 5), bool))
+  src = _write_parquet(tmp_path / "ok.parquet", rows)
+  argv = ["nsd_flat", src, f"--out={tmp_path / 'o'}", f"--mask={tmp_path / 'mask.npy'}"]
+  prepare_refuses(capsys, argv, r"mask\.npy: shape expected \(215, 200\), found \(5, 5\)",
+                  tmp_path / "o")  # fmt: skip
+  os.makedirs(tmp_path / "empty")
+  argv = ["nsd_flat", tmp_path / "empty", f"--out={tmp_path / 'o2'}"]
+  prepare_refuses(capsys, argv, r"empty: no \*\.parquet or \*\.arrow files", tmp_path / "o2")
 
 
 def test_assign_splits_boldgpt_convention():

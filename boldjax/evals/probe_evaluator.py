@@ -11,7 +11,6 @@ The periodic evaluator probes the model's current features only (no baselines) a
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +18,9 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 
-from boldjax import registry
+from boldjax import checkpoint, registry
 from boldjax.evals import baselines, features, probes
 
 BASELINES = ("fc", "identity", "random_init")
@@ -216,13 +216,9 @@ def write_json(results: dict[str, Any], workdir: str, path: str | None = None) -
   """WORKDIR/eval/probe_<labels>_step<step>.json (or `path`); returns the path."""
   if path is None:
     stem = os.path.splitext(str(results["labels"]))[0].replace(os.sep, "_")
-    path = os.path.join(workdir, "eval", f"probe_{stem}_step{results['step']}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(_jsonable(results), f, indent=2)
-  os.replace(tmp, path)
-  return path
+    path = checkpoint.path(workdir) / "eval" / f"probe_{stem}_step{results['step']}.json"
+  checkpoint.write_json(epath.Path(path), _jsonable(results))
+  return str(path)
 
 
 def settings_from_config(cfg: ml_collections.ConfigDict) -> EvalSettings:

@@ -6,6 +6,7 @@ without pyplot, so boldjax never changes the caller's plotting backend or pyplot
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -91,9 +92,19 @@ def plot_flat_maps(
   bar = fig.colorbar(image, cax=cax)
   if colorbar_label:
     bar.set_label(colorbar_label)
-  path = os.fspath(path)
-  fig.savefig(path)
-  return path
+  return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> str:
+  """PNG through etils.epath (gs:// too), written whole: a failed draw leaves no file."""
+  from etils import epath
+
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format=os.path.splitext(os.fspath(path))[1].lstrip(".") or "png")
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(buffer.getvalue())
+  return os.fspath(path)
 
 
 def plot_surface_values(

@@ -1,0 +1,117 @@
+"""A workdir on an object store (gs://) through a local GCS emulator, offline.
+
+Every file under the workdir must land in the bucket (orbax checkpoints through
+TensorStore's GCS driver, config / metrics / TensorBoard / eval JSON / PNG through
+etils.epath + gcsfs), and nothing in a local folder named after the scheme.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+emulator = pytest.importorskip("gcp_storage_emulator.server")
+pytest.importorskip("gcsfs")
+
+import portpicker  # noqa: E402
+from etils import epath  # noqa: E402
+
+from boldjax import checkpoint, train, workdir  # noqa: E402
+from boldjax.evals import probe_evaluator  # noqa: E402
+from boldjax.geometry.plotting import plot_flat_maps  # noqa: E402
+from boldjax.metrics import read_jsonl  # noqa: E402
+from configs import gpt_small  # noqa: E402
+
+BUCKET = "boldjax-test"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _send_generation_on_download() -> None:
+  """Real GCS sends an object's generation with its bytes (x-goog-generation); TensorStore
+  (orbax's OCDBT manifests) needs it, and the emulator leaves it out: add it."""
+  from gcp_storage_emulator.handlers import objects
+
+  download = objects.download
+
+  def with_generation(request, response, storage, *args, **kwargs):
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = str(obj["generation"])
+    except Exception:  # noqa: BLE001 - download() answers 404 itself
+      pass
+    return download(request, response, storage, *args, **kwargs)
+
+  for _, methods in emulator.HANDLERS:
+    for method, handler in list(methods.items()):
+      if handler is download:
+        methods[method] = with_generation
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  _send_generation_on_download()
+  port = portpicker.pick_unused_port()
+  server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+  server.start()
+  url = f"http://127.0.0.1:{port}"
+  saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                                          "GOOGLE_AUTH_TOKEN_FOR_TESTING")}  # fmt: skip
+  os.environ["STORAGE_EMULATOR_HOST"] = url  # gcsfs (etils.epath's gs:// backend)
+  os.environ["TENSORSTORE_GCS_HTTP_URL"] = url  # orbax's array writes
+  os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "offline"
+  yield f"gs://{BUCKET}"
+  server.stop()
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+
+
+def _runlocal(total_steps: int):
+  config = gpt_small.get_config("runlocal")
+  config.unlock()
+  config.total_steps = total_steps
+  config.checkpoint_every = total_steps  # see the module docstring
+  config.lock()
+  return config
+
+
+def _local_scheme_folders(*roots: Path) -> list[Path]:
+  return [p for root in roots for p in root.rglob("gs:*")]
+
+
+def test_train_resume_and_evaluate_on_a_gs_workdir(gcs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  run_dir = f"{gcs}/runs/gpt"
+  final = train.run(_runlocal(3), run_dir)
+
+  root = epath.Path(run_dir)
+  assert sorted(p.name for p in root.iterdir()) == [
+    "checkpoints", "config.json", "final.json", "metrics.jsonl", "tensorboard",
+  ]  # fmt: skip
+  assert checkpoint.load_config(run_dir).total_steps == 3
+  rows = read_jsonl(f"{run_dir}/metrics.jsonl")
+  assert [r["step"] for r in rows if "train/loss" in r] == [2, 3]
+  assert rows[-1]["step"] == 3 and "baseline/unigram_loss" in rows[-1]
+  events = list((root / "tensorboard").iterdir())
+  assert len(events) == 1 and events[0].name.startswith("events.out.tfevents")
+  assert events[0].stat().length > 100
+  assert json.loads((root / "final.json").read_text())["metrics"] == final
+
+  # The checkpoint restores from the bucket, and a finished run is recognised.
+  run = workdir.load_run(run_dir)
+  assert run.step == 3 and int(run.state.step) == 3
+  again = train.run(_runlocal(3), run_dir)
+  assert again == final
+
+  # Eval JSON and maps go to the bucket too.
+  path = probe_evaluator.write_json({"labels": "stimulus", "step": 3, "x": 1.5}, run_dir)
+  assert path == f"{run_dir}/eval/probe_stimulus_step3.json"
+  assert json.loads(epath.Path(path).read_text())["x"] == 1.5
+  png = plot_flat_maps(np.random.default_rng(0).normal(size=(2, 8, 8)), None, f"{run_dir}/m.png")
+  assert epath.Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+  assert _local_scheme_folders(tmp_path, REPO) == []
