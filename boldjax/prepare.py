@@ -8,10 +8,14 @@ HDF5, NIfTI/CIFTI + atlas) only register another importer.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 import time
 
 from boldjax import cli, registry
+from boldjax.data import paths
 
 PROG = "python -m boldjax.prepare"
 
@@ -32,7 +36,17 @@ def main(argv: list[str] | None = None) -> str:
   """Parse argv, run the chosen importer, return the output directory."""
   args = build_parser().parse_args(argv)
   start = time.monotonic()
-  out = registry.get("importer", args.format).run(args)
+  importer = registry.get("importer", args.format)
+  if paths.is_remote(args.out):  # build on local disk, then upload the finished folder
+    paths.check_new_output(args.out, getattr(args, "overwrite", False))
+    remote, staging = args.out, tempfile.mkdtemp(prefix="boldjax-prepare-")
+    try:
+      args.out = os.path.join(staging, "dataset")
+      out = paths.upload_dataset(importer.run(args), remote, overwrite=True)
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
+  else:
+    out = importer.run(args)
   print(f"[prepare] {args.format}: wrote {out} in {time.monotonic() - start:.1f}s", flush=True)
   return out
 

@@ -3,6 +3,10 @@
 Every file under the workdir must land in the bucket (orbax checkpoints through
 TensorStore's GCS driver, config / metrics / TensorBoard / eval JSON / PNG through
 etils.epath + gcsfs), and nothing in a local folder named after the scheme.
+
+The run keeps a single checkpoint: a second save into the same workdir fails on the
+emulator (TensorStore's OCDBT reads back a manifest the emulator serves with no usable
+generation: 'Malformed StorageGeneration'), a limit of the emulator, not of GCS.
 """
 
 import json
@@ -49,7 +53,7 @@ def _send_generation_on_download() -> None:
         methods[method] = with_generation
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def gcs():
   _send_generation_on_download()
   port = portpicker.pick_unused_port()
@@ -74,7 +78,7 @@ def _runlocal(total_steps: int):
   config = gpt_small.get_config("runlocal")
   config.unlock()
   config.total_steps = total_steps
-  config.checkpoint_every = total_steps  # see the module docstring
+  config.checkpoint_every = total_steps  # one checkpoint: see the docstring
   config.lock()
   return config
 
@@ -114,4 +118,30 @@ def test_train_resume_and_evaluate_on_a_gs_workdir(gcs, tmp_path, monkeypatch):
   png = plot_flat_maps(np.random.default_rng(0).normal(size=(2, 8, 8)), None, f"{run_dir}/m.png")
   assert epath.Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+  assert _local_scheme_folders(tmp_path, REPO) == []
+
+
+def test_prepare_to_gs_then_train_from_the_bucket(gcs, tmp_path, monkeypatch, capsys):
+  from boldjax import prepare
+
+  monkeypatch.chdir(tmp_path)
+  data = f"{gcs}/data/flat"
+  prepare.main(["synthetic_flat", f"--out={data}", "--set", "num_subjects=2",
+                "--set", "trials_per_subject=40"])  # fmt: skip
+  names = {p.name for p in epath.Path(data).iterdir()}
+  assert {"meta.json", "mask.npy", "tfds"} <= names
+  # A second import into the same non-empty folder is refused before any work.
+  with pytest.raises(ValueError, match=r"data/flat: field '--out': expected an empty or new"):
+    prepare.main(["synthetic_flat", f"--out={data}"])
+
+  config = _runlocal(2)
+  config.unlock()
+  config.data.path = data
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.lock()
+  final = train.run(config, f"{gcs}/runs/from_bucket")
+  assert np.isfinite(final["val/loss"])
+  assert "copying gs://boldjax-test/data/flat" in capsys.readouterr().out
+  staged = list((tmp_path / "cache" / "remote").iterdir())
+  assert len(staged) == 1 and (staged[0] / ".complete").read_text() == data
   assert _local_scheme_folders(tmp_path, REPO) == []

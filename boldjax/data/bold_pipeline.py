@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from boldjax import registry
-from boldjax.data import bold_records, views
+from boldjax.data import bold_records, paths, views
 from boldjax.data.pipeline import eval_shard_indices, to_iter_dataset
 from boldjax.data.transforms import IndexedSource
 
@@ -123,12 +123,12 @@ def dataset_path(data_cfg: Any) -> str:
   """data_cfg.path, or the synthetic dataset built once under cache_dir."""
   source = _get(data_cfg, "source", "synthetic_parcellated")
   path = _get(data_cfg, "path")
+  cache = _get(data_cfg, "cache_dir", os.environ.get("BOLDJAX_CACHE", "~/.cache/boldjax"))
   if path:
-    return os.path.abspath(os.path.expanduser(path))
+    return paths.readable_dataset(path, cache)
   if source == "synthetic_parcellated":
     from boldjax.data.synthetic_bold import ensure_synthetic_bold
 
-    cache = _get(data_cfg, "cache_dir", os.environ.get("BOLDJAX_CACHE", "~/.cache/boldjax"))
     return ensure_synthetic_bold(cache, synthetic_spec(data_cfg))
   raise ValueError(
     f"data config: field 'path' is required when source={source!r} (a directory written by "

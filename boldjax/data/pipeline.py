@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from boldjax import registry
-from boldjax.data import flat_builder, records, transforms
+from boldjax.data import flat_builder, paths, records, transforms
 from boldjax.data.patching import ORDERINGS, PatchLayout
 from boldjax.data.tokenizer import KMeansTokenizer
 
@@ -76,7 +76,7 @@ def _dataset_path(data_cfg: Any) -> str:
   source = _get(data_cfg, "source", "synthetic_flat")
   path = _get(data_cfg, "path")
   if path:
-    return os.path.abspath(os.path.expanduser(path))
+    return paths.readable_dataset(path, _cache_dir(data_cfg))
   if source == "synthetic_flat":
     from boldjax.data.synthetic_flat import SyntheticFlatSpec
 
