@@ -97,11 +97,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     state, start = checkpoint.restore(manager, abstract_state, train_iter)
     if state is None:
       state = spec.init(init_rng)
-      pretrained = task.load_pretrained(state.params)
-      if pretrained is not state.params:
-        state = state.replace(params=jax.device_put(pretrained, state_sh.params))
+      params = task.load_pretrained(state.params)
+      extra = task.load_pretrained_extra(params, state.extra)
+      if params is not state.params or extra is not state.extra:
+        state = state.replace(
+          params=jax.device_put(params, state_sh.params),
+          extra=jax.device_put(extra, state_sh.extra),
+        )
       start = 0
-      say("initialised from scratch")
+      init_from = config.task.get("init_from", "")
+      say(f"initialised from {init_from}" if init_from else "initialised from scratch")
     else:
       say(f"resumed from {workdir} at step {start}")
     checkpoint.save_config(workdir, config)  # only now: a refused or failed restore keeps it

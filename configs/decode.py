@@ -21,7 +21,7 @@ def get_config(arg=None):
   if arg.train_subjects:
     c.data.train_subjects = arg.train_subjects
   c.task.backbone = arg.backbone
-  c.task.init_from = arg.init or None
+  c.task.init_from = arg.init
   c.task.freeze = arg.freeze
   c.model.decode_pooling = arg.pooling
   c.total_steps = 300 if not arg.runlocal else 6

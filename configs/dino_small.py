@@ -13,6 +13,16 @@ run) then cosine to 0, weight decay 0.05 -> 0.3 on every parameter, EMA momentum
 network-loss
 weight 0.5 cosine-decayed to 0 over the first 5% of the run, mask loss 0.5 on half the
 batches.
+
+`dino_small.py:semantoks` takes the original's input instead, for a dataset imported from a
+Brain-Semantoks HDF5 (`python -m boldjax.prepare hdf5 FILE --out=D`: 457 ROIs in 9
+networks at TR 2 s): crops of 100 TRs at TR 2 s in 5 patches of 20 TRs, the original's
+tokenizer kernels (Conv1d k=3, SLConv 3 scales x 4 taps = 16), 8 probe crops, runs up to
+300 TRs for the probe examples; same model width and recipe:
+
+  python -m boldjax.main --config=configs/dino_small.py:semantoks --config.data.path=D \
+      --workdir=runs/dino_semantoks
+  python -m boldjax.evaluate --workdir=runs/dino_semantoks --labels=sex_bi
 """
 
 import ml_collections
@@ -21,7 +31,7 @@ from configs.lfb_common import base_config
 
 
 def get_config(arg=None):
-  c, arg = base_config("dino", arg)
+  c, arg = base_config("dino", arg, semantoks=False)
   c.name = "dino_small"
   c.total_steps = 1000 if not arg.runlocal else 6
   c.checkpoint_every = 250 if not arg.runlocal else 2
@@ -54,9 +64,21 @@ def get_config(arg=None):
   c.model.head_bottleneck_dim = 128 if not arg.runlocal else 16
   c.model.head_nlayers = 2
 
+  if arg.semantoks:  # the original's input (config/example_config.yaml, data/dataset.py)
+    c.data.source = "parcellated"
+    d.views_tr = 2.0
+    d.crop_length = 100
+    d.patch_size = 20
+    d.seq_max = 300  # probe examples: runs up to 300 TRs (10 min), crops spread over them
+    c.model.tokenizer = (
+      {"type": "dense", "kernel_size": 3, "out_channels": half},
+      {"type": "sgconv", "kernel_size": 4, "num_scales": 3, "out_channels": half},
+    )
+
   c.task = ml_collections.ConfigDict(
     {
       "name": "dino",
+      "init_from": "",  # a workdir (trained or converted) to start from; "" = from scratch
       "mask_frequency": 0.5,
       "mask_loss_weight": 0.5,
       "mcr_eps": 0.05,
@@ -66,7 +88,7 @@ def get_config(arg=None):
       "network_loss_delay_steps": 0,
       "network_loss_decay_steps": max(c.total_steps // 20, 1),
       "network_loss_schedule": "cosine",
-      "probe_crops": 1,
+      "probe_crops": 8 if arg.semantoks else 1,  # the original probes 8 crops per run
     }
   )
 

@@ -113,7 +113,9 @@ def base_config(
   c.model.hidden_activation = "gelu_new"
   c.model.decode_pooling = "cls"  # decoding runs: "cls" (the original) or "mean" over frames
 
-  c.task = ml_collections.ConfigDict({"name": task})
+  # init_from: a workdir (trained, or written by `python -m boldjax.convert`) whose params a
+  # new run starts from (Task.load_pretrained); "" = from scratch.
+  c.task = ml_collections.ConfigDict({"name": task, "init_from": ""})
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-4

@@ -120,6 +120,22 @@ def test_dino_runlocal_trains_and_loss_falls(tmp_path):
   assert out["val/effective_rank"] > 1.5  # not collapsed
   assert out["val/teacher_feature_std"] > 0.01
 
+  # A run fine-tuned from this one (task.init_from) starts from its EMA teacher and buffers.
+  from boldjax import workdir
+
+  run = workdir.load_run(str(tmp_path / "dino"))
+  config.unlock()
+  config.task.init_from = str(tmp_path / "dino")
+  task = dino.DinoTask(config, run.info)
+  fresh = jax.tree.map(jnp.zeros_like, run.state.extra)
+  extra = task.load_pretrained_extra(None, fresh)
+  for key in ("teacher", "buffers"):
+    jax.tree.map(np.testing.assert_array_equal, extra[key], jax.device_get(run.state.extra[key]))
+  assert int(extra["step"]) == 0
+  teacher = jax.tree.leaves(run.state.extra["teacher"])[0]
+  student = jax.tree.leaves(run.state.params)[0]
+  assert not np.array_equal(teacher, student)  # the teacher is not a copy of the student
+
 
 def test_effective_rank_is_the_participation_ratio():
   rng = np.random.default_rng(0)

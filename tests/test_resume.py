@@ -162,3 +162,13 @@ def test_restore_fit_check_names_missing_and_extra_arrays(tmp_path):
   assert "params/a: expected shape (4,), found (3,)" in text
   assert "3 arrays differ" in text
   assert os.path.isdir(tmp_path / "checkpoints" / "1")
+
+
+def test_a_converted_workdir_is_a_starting_point_not_a_run_to_resume(tmp_path):
+  run_dir = tmp_path / "converted"
+  run_dir.mkdir()
+  (run_dir / checkpoint.CONVERTED_FILE).write_text(json.dumps({"source": "/w/boldgpt.pt"}))
+  with pytest.raises(InputError, match=r"converted checkpoint of /w/boldgpt\.pt .*"
+                     r"--config\.task\.init_from=.*converted and a new --workdir"):  # fmt: skip
+    train.run(_config(), str(run_dir))
+  assert sorted(p.name for p in run_dir.iterdir()) == [checkpoint.CONVERTED_FILE]

@@ -9,7 +9,8 @@ training pipelines build them (same z-scoring, padding, patch layout, tokenizer)
 Label sources are registered as registry.register("labels", name): a LabelSource says which
 data kind it applies to, which unit it labels and how it labels candidate examples from
 their metadata columns (subject, subject_id, run, label). A path to a CSV file
-(columns subject[,run],label) is accepted wherever a name is.
+(columns subject[,run],label) is accepted wherever a name is, and so is a label key the
+importer kept per run in the dataset's meta 'run_labels' (a Brain-Semantoks HDF5's keys).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import csv
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -128,20 +129,54 @@ def csv_label_source(path: str, kind: str) -> LabelSource:
   return LabelSource(os.path.basename(path), (kind,), unit, label, f"CSV {path}")
 
 
-def label_source(name: str, kind: str) -> LabelSource:
-  """A registered label source or a CSV path; 'auto' = the kind's default."""
+def dataset_label_source(name: str, meta: Mapping[str, Any] | None) -> LabelSource | None:
+  """A label key the importer kept per run in the dataset's meta 'run_labels' (every label
+  of a Brain-Semantoks HDF5: age_5c, sex_bi, labels/<name>): one example per run, found by
+  its run name (the input row). None when the dataset has no such key."""
+  table = (meta or {}).get("run_labels") or {}
+  key = next((k for k in (name, f"labels/{name}") if k in table), None)
+  if key is None:
+    return None
+  entry = table[key]
+  if entry.get("continuous"):
+    raise ValueError(
+      f"--labels={name!r}: the dataset's label key {key!r} is continuous, expected class "
+      "labels (the probes classify; store binned classes in the file, e.g. age_5c)"
+    )
+  values, classes = list(entry["values"]), list(entry["class_names"])
+
+  def label(cols: dict[str, np.ndarray], class_names: list[str]):
+    del class_names
+    out = np.full(len(cols["run"]), -1, np.int64)
+    for i, run in enumerate(cols["run"]):
+      row = int(run) if str(run).isdigit() else -1
+      if 0 <= row < len(values):
+        out[i] = values[row]
+    return out, classes
+
+  return LabelSource(key, ("parcellated",), "run", label, f"dataset label key {key!r}")
+
+
+def label_source(name: str, kind: str, meta: Mapping[str, Any] | None = None) -> LabelSource:
+  """A registered label source, a CSV path or a label key of the dataset (meta
+  'run_labels', see dataset_label_source); 'auto' = the kind's default."""
   if kind not in KINDS:
     raise ValueError(f"label_source: data kind expected one of {KINDS}, found {kind!r}")
   if name == "auto":
     name = "state" if kind == "parcellated" else "stimulus"
-  if name.endswith(".csv") or os.path.sep in name:
+  if name.endswith(".csv") or (os.path.sep in name and not name.startswith("labels/")):
     return csv_label_source(name, kind)
   try:
     source = registry.get("labels", name)
   except KeyError as e:
+    own = dataset_label_source(name, meta) if kind == "parcellated" else None
+    if own is not None:
+      return own
+    keys = sorted((meta or {}).get("run_labels") or {})
+    own_keys = f", the dataset's label keys {keys}," if keys else ""
     raise KeyError(
-      f"--labels={name!r}: unknown label source; known: {registry.names('labels')} or a "
-      "path to a CSV file (subject[,run],label)"
+      f"--labels={name!r}: unknown label source; known: {registry.names('labels')}{own_keys} "
+      "or a path to a CSV file (subject[,run],label)"
     ) from e
   if kind not in source.kinds:
     usable = [n for n in registry.names("labels") if kind in registry.get("labels", n).kinds]
@@ -396,7 +431,7 @@ def load_examples(
 ) -> ExampleSet:
   """The labelled examples of a run's data (kind from config.data.source)."""
   kind = data_kind(config)
-  source = label_source(labels, kind)
+  source = label_source(labels, kind, getattr(info, "meta", None))
   if crops < 1:
     raise ValueError(f"--crops: expected >= 1, found {crops}")
   if kind == "parcellated":

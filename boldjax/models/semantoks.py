@@ -5,7 +5,8 @@
   -> per network n (static ROI indices): NetworkTokenizer on (B*P, patch, R_n)
        = concat[Conv1d branch, SLConv branch] -> exact GELU -> mean over time -> LayerNorm
   -> tokenizer_out (B, N, P, D); optional mask (B, N, P): True -> `mask_embedding`,
-     applied BEFORE the position encodings (student only in SimDINO)
+     applied BEFORE the position encodings (student only in SimDINO); the tokens of
+     `absent_networks` (atlases missing from the data) always -> `mask_embedding`
   -> + learnable network embedding[n] + fixed sin-cos temporal encoding[p]
   -> network-major flatten (token 1 + n*P + p), CLS prepended (no position encoding)
   -> pre-LN blocks with LayerScale (qkv without bias) -> final LayerNorm on every token.
@@ -383,6 +384,10 @@ class SemantoksEncoder(nn.Module):
   tokenizer_final_norm: str = "layer"
   tokenizer_pooling: str = "mean"
   tokenizer_linear_map: bool | None = None  # NetworkTokenizer.linear_map (None: when cheaper)
+  # Networks whose atlas the data lacks (meta 'missing_networks'): their tokens are always
+  # replaced by mask_embedding after the tokenizer (the original README's advice for data
+  # without tian3 / buckner7), so their (zero-filled) input never reaches the transformer.
+  absent_networks: tuple[int, ...] = ()
   drop_path_rate: float = 0.0
   emb_dropout: float = 0.0
   dtype: Dtype = jnp.float32
@@ -411,6 +416,12 @@ class SemantoksEncoder(nn.Module):
   ) -> dict[str, jax.Array]:
     """x (B, R, T) float; mask (B, N, P) bool, True = replace by mask_embedding."""
     self._check(x)
+    bad = [n for n in self.absent_networks if not 0 <= n < len(self.network_rois)]
+    if bad:
+      raise ValueError(
+        f"SemantoksEncoder: absent_networks expected ids in 0..{len(self.network_rois) - 1}, "
+        f"found {bad}"
+      )
     B, N, P, D, ps = (
       x.shape[0],
       len(self.network_rois),
@@ -447,9 +458,14 @@ class SemantoksEncoder(nn.Module):
             f"SemantoksEncoder: mask must be (B, N, P)={(B, N, P)}, found {mask.shape}"
           )
         h = jnp.where(mask.astype(bool)[..., None], mask_emb[0], h)
-    elif mask is not None:
+      if self.absent_networks:
+        absent = np.zeros((N,), bool)
+        absent[list(self.absent_networks)] = True
+        h = jnp.where(jnp.asarray(absent)[None, :, None, None], mask_emb[0], h)
+    elif mask is not None or self.absent_networks:
       raise ValueError(
-        "SemantoksEncoder: a mask was given but do_masking=False (no mask_embedding)"
+        "SemantoksEncoder: a mask or absent_networks was given but do_masking=False (no "
+        "mask_embedding)"
       )
     cls = embedding("cls_token", (1, 1, D), (None, None, "embed"))
     net = embedding("network_embedding", (N, D), (None, "embed"))

@@ -21,13 +21,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from boldjax import registry
-from boldjax.tasks.base import PyTree, row_weights, weighted_mean
+from boldjax.tasks.base import (
+  PyTree,
+  graft_pretrained,
+  pretrained_params,
+  row_weights,
+  weighted_mean,
+)
 from boldjax.tasks.csm import LfbTask
 
 BACKBONES = {"csm": "csm", "seq_bert": "bert", "net_bert": "netbert", "autoencoder": "autoencoder"}
@@ -143,33 +148,13 @@ class DecodeTask(LfbTask):
     """Graft every backbone param of the init_from run (all except decoding_head)."""
     if not self.init_from:
       return params
-    from boldjax.workdir import load_run
-
-    run = load_run(self.init_from)
-    source = f"{self.init_from} (task {run.config.task.name!r})"
-    if BACKBONES.get(run.config.task.name) != self.style:
+    pretrained, config = pretrained_params(self.init_from)
+    source = f"{self.init_from} (task {config.task.name!r})"
+    if BACKBONES.get(config.task.name, BACKBONES.get(config.task.get("backbone"))) != self.style:
       raise ValueError(
         f"config.task.init_from: {source} is not a {self.backbone!r} run "
         f"(config.task.backbone={self.backbone!r})"
       )
-    pretrained = jax.device_get(nn.unbox(run.state.params))
-    flat_new = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
-    flat_old = {
-      jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(pretrained)
-    }
-    problems = []
-    for key, value in flat_new.items():
-      if "decoding_head" in key:
-        continue
-      if key not in flat_old:
-        problems.append(f"{key}: missing")
-      elif np.shape(flat_old[key]) != np.shape(value):
-        problems.append(f"{key}: expected {np.shape(value)}, found {np.shape(flat_old[key])}")
-    if problems:
-      raise ValueError(f"config.task.init_from: {source} does not fit this model: {problems[:8]}")
-
-    def pick(path, value):
-      key = jax.tree_util.keystr(path)
-      return value if "decoding_head" in key else np.asarray(flat_old[key])
-
-    return jax.tree_util.tree_map_with_path(pick, params)
+    return graft_pretrained(
+      params, self.init_from, keep_fresh=("decoding_head",), pretrained=pretrained, source=source
+    )

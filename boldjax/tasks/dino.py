@@ -15,6 +15,8 @@ tasks/simdino_objectives.simdino_losses. After the optimizer step, update_extra 
 teacher by the original's cosine momentum schedule (pre-increment step).
 
 Batches (data mode "views"): views (B, 2, R, L), masks (B, 2, N, P), valid (eval).
+Networks listed in the dataset meta 'missing_networks' (an atlas the data lacks) have their
+tokens replaced by the mask embedding in both models, and leave the masked-token loss.
 Evaluation batches always apply the masks, so val/mask_loss is measured on every eval.
 
 Collapse monitors (every train log and eval): teacher_feature_std = mean over dimensions of
@@ -38,9 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from boldjax import registry
+from boldjax.cli import InputError
 from boldjax.models import semantoks
 from boldjax.tasks import simdino_objectives as objectives
-from boldjax.tasks.base import PyTree, Task, row_weights
+from boldjax.tasks.base import PyTree, Task, graft_pretrained, pretrained_extra, row_weights
 
 
 def effective_rank(x: jax.Array, weights: jax.Array) -> jax.Array:
@@ -87,6 +90,10 @@ class DinoTask(Task):
     branches = semantoks.branches_from_config(
       [dict(b) for b in m.tokenizer], source="config.model.tokenizer"
     )
+    # Networks of atlases the dataset lacks (Semantoks HDF5 without tian3 / buckner7): the
+    # encoder masks their tokens after the tokenizer, student and teacher alike.
+    meta = getattr(info, "meta", None) or {}
+    self.absent_networks = tuple(int(n) for n in meta.get("missing_networks", ()))
     self.encoder = semantoks.SemantoksEncoder(
       network_rois=self.network_rois,
       branches=branches,
@@ -97,6 +104,7 @@ class DinoTask(Task):
       patch_size=self.patch_size,
       num_patches=self.num_patches,
       layer_scale_init=m.get("layer_scale_init", 0.1),
+      absent_networks=self.absent_networks,
       drop_path_rate=float(m.get("drop_path_rate", 0.0)),
       emb_dropout=float(m.get("emb_dropout", 0.0)),
     )
@@ -134,6 +142,24 @@ class DinoTask(Task):
       "step": jnp.zeros((), jnp.int32),
     }
     return params, extra
+
+  def load_pretrained_extra(self, params: PyTree, extra: PyTree) -> PyTree:
+    """With task.init_from: the pretrained run's EMA teacher and tokenizer buffers."""
+    init_from = self.config.task.get("init_from", "")
+    if not init_from:
+      return extra
+    old = pretrained_extra(init_from)
+    missing = [k for k in ("teacher", "buffers") if k not in old]
+    if missing:
+      raise InputError(
+        f"config.task.init_from: {init_from}: expected a Semantoks DINO run (extra holds "
+        f"'teacher' and 'buffers'), found extra keys {sorted(old)}"
+      )
+    grafted = {
+      key: graft_pretrained(extra[key], init_from, pretrained=old[key], source=f"{init_from} {key}")
+      for key in ("teacher", "buffers")
+    }
+    return {**extra, **grafted}
 
   def update_extra(self, params: PyTree, extra: PyTree, step: jax.Array) -> PyTree:
     """EMA of the student into the teacher with the momentum of the step just taken."""
@@ -184,6 +210,10 @@ class DinoTask(Task):
     rng_mask, rng_drop = jax.random.split(rng)
     use_mask = jax.random.uniform(rng_mask) < self.mask_frequency if train else jnp.array(True)
     masks = masks & use_mask  # an all-False mask is exactly the unmasked forward
+    if self.absent_networks:  # always masked (both models): no masked-token loss on them
+      present = np.ones((self.num_networks, 1), bool)
+      present[list(self.absent_networks)] = False
+      masks = masks & jnp.asarray(present)
     # Both views in one call: rows [view 0 of every sample, view 1 of every sample].
     x = jnp.concatenate([views[:, 0], views[:, 1]], axis=0)
     m = jnp.concatenate([masks[:, 0], masks[:, 1]], axis=0)
