@@ -55,6 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.ordering = arg.ordering
   c.data.shuffle_order = True
   c.data.tokenizer = ml_collections.ConfigDict({"vocab_size": 1024, "num_maps": 2000, "seed": 42})
+  # A given k-means vocabulary (.npz with 'vocab', e.g. a converted boldGPT workdir's
+  # tokenizer.npz) instead of fitting one; None = fit on the train split.
+  c.data.tokenizer.path = ml_collections.config_dict.placeholder(str)
   c.data.batch_size = 32
   c.data.eval_batch_size = 64
   c.data.num_workers = 0

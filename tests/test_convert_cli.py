@@ -9,7 +9,6 @@ tolerances. Sizes come from spec.json (config overrides), never from this file.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +20,10 @@ import numpy as np
 import pytest
 
 from boldjax.convert import cli, files
+from tests import parity
 
 REPO = Path(__file__).resolve().parents[1]
-PARITY_DIR = Path(os.environ.get("BOLDJAX_PARITY_DIR", REPO.parent / "shared" / "parity"))
+PARITY_DIR = parity.PARITY_DIR
 FORMATS = ("safetensors", "npz", "pt", "wrapped.pt")
 LFB = {"lfb_gpt_csm": "csm", "lfb_bert": "seq_bert", "lfb_netbert": "net_bert"}
 LFB_ALL = {**LFB, "lfb_autoencoder": "autoencoder"}
@@ -33,14 +33,11 @@ if str(REPO) not in sys.path:  # configs/*.py import configs.lfb_common
 
 
 def _have(case: str) -> bool:
-  return (PARITY_DIR / case / "spec.json").exists()
+  """Run the test: the fixture is there, or parity is required (and a missing one fails)."""
+  return parity.REQUIRED or (PARITY_DIR / case / "spec.json").exists()
 
 
-def _load(case: str):
-  folder = PARITY_DIR / case
-  spec = json.loads((folder / "spec.json").read_text())
-  arrays = [dict(np.load(folder / f"{name}.npz")) for name in ("state_dict", "inputs", "outputs")]
-  return (spec, *arrays)
+_load = parity.load
 
 
 def write_checkpoint(sd: dict[str, np.ndarray], path: Path, fmt: str) -> Path:
@@ -64,15 +61,7 @@ def convert(*argv: str) -> None:
   assert cli.main([str(a) for a in argv]) == 0
 
 
-def _check(name: str, actual, expected, tol: dict) -> None:
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-  if tol.get("exact"):
-    assert np.array_equal(actual, expected), f"{name}: not exactly equal"
-  else:
-    np.testing.assert_allclose(
-      actual, expected, atol=tol.get("atol", 0.0), rtol=tol.get("rtol", 0.0), err_msg=name
-    )
+_check = parity.check  # NaN/Inf fail; the worst err/tol is named
 
 
 def _compare(case: str, actual: dict, outputs: dict, tolerances: dict, must: tuple[str, ...]):
@@ -148,7 +137,7 @@ def _lfb_config(case: str, family: str) -> list[str]:
 
 def lfb_outputs(case: str, workdir: str) -> None:
   """The fixture's outputs from the converted workdir, compared within tolerance."""
-  import test_parity_lfb as parity
+  import test_parity_lfb as lfb_parity
 
   from boldjax.convert.lfb import infer_structure, params_to_torch
   from boldjax.tasks.decode import cross_entropy
@@ -162,7 +151,7 @@ def lfb_outputs(case: str, workdir: str) -> None:
   tolerances = {k: v for k, v in spec["tolerances"].items() if isinstance(v, dict)}
   actual: dict[str, np.ndarray] = {}
   with jax.default_matmul_precision("highest"):
-    fn, _ = parity._pretrain(model, params, inputs, model.style)
+    fn, _ = lfb_parity._pretrain(model, params, inputs, model.style)
     (_, out), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
     actual.update({k: np.asarray(v) for k, v in jax.device_get(out).items() if k in outputs})
     if st["style"] == "autoencoder":
@@ -171,7 +160,9 @@ def lfb_outputs(case: str, workdir: str) -> None:
       if not name.startswith("decoder.decoding_head"):
         actual[f"grad/{name}"] = np.asarray(g)
     if st["num_classes"]:
-      dk = {k: f"decoding/{k}" if f"decoding/{k}" in inputs else k for k in parity._DECODING_KEYS}
+      dk = {
+        k: f"decoding/{k}" if f"decoding/{k}" in inputs else k for k in lfb_parity._DECODING_KEYS
+      }
       x, t = jnp.asarray(inputs[dk["inputs"]]), jnp.asarray(inputs[dk["t_rs"]])
       am = jnp.asarray(inputs[dk["attention_mask"]]).astype(bool)
       dec = jax.jit(lambda p: model.apply({"params": p}, x, t, am, method="decode"))(params)
@@ -185,8 +176,7 @@ def lfb_outputs(case: str, workdir: str) -> None:
 
 @pytest.mark.parametrize("case", sorted(LFB_ALL))
 def test_lfb_converts_to_matching_workdir(tmp_path, case):
-  if not _have(case):
-    pytest.skip(f"no {case} fixture under {PARITY_DIR}")
+  parity.folder(case)  # skips without fixtures, fails where they are required
   family = LFB_ALL[case]
   _, sd, _, _ = _load(case)
   path = write_checkpoint(sd, tmp_path / "ckpt", "safetensors")
@@ -202,8 +192,7 @@ def test_lfb_converts_to_matching_workdir(tmp_path, case):
 @pytest.mark.parametrize("fmt", FORMATS[1:])
 @pytest.mark.parametrize("case", sorted(LFB_ALL))
 def test_lfb_every_format_converts(tmp_path, case, fmt):
-  if not _have(case):
-    pytest.skip(f"no {case} fixture under {PARITY_DIR}")
+  parity.folder(case)  # skips without fixtures, fails where they are required
   family = LFB_ALL[case]
   _, sd, _, _ = _load(case)
   path = write_checkpoint(sd, tmp_path / "ckpt", fmt)
@@ -299,8 +288,7 @@ def boldgpt_outputs(case: str, workdir: str) -> None:
 
 @pytest.mark.parametrize("case", BOLDGPT)
 def test_boldgpt_converts_to_matching_workdir(tmp_path, case):
-  if not _have(case):
-    pytest.skip(f"no {case} fixture under {PARITY_DIR}")
+  parity.folder(case)  # skips without fixtures, fails where they are required
   _, sd, _, _ = _load(case)
   path = write_checkpoint(sd, tmp_path / "ckpt", "safetensors")
   workdir = tmp_path / "w"
@@ -315,8 +303,7 @@ def test_boldgpt_converts_to_matching_workdir(tmp_path, case):
 @pytest.mark.parametrize("fmt", FORMATS[1:])
 @pytest.mark.parametrize("case", BOLDGPT)
 def test_boldgpt_every_format_converts(tmp_path, case, fmt):
-  if not _have(case):
-    pytest.skip(f"no {case} fixture under {PARITY_DIR}")
+  parity.folder(case)  # skips without fixtures, fails where they are required
   _, sd, _, _ = _load(case)
   path = write_checkpoint(sd, tmp_path / "ckpt", fmt)
   pickle = ["--allow-pickle"] if fmt.endswith("pt") else []
@@ -411,7 +398,7 @@ def _semantoks_args(root: Path) -> list[str]:
 def semantoks_outputs(workdir: str, role: str) -> None:
   """The chosen encoder's outputs (teacher: unmasked views; student: masked) and its
   head's, from the converted workdir; the EMA teacher state equals the loaded encoder."""
-  import test_parity_semantoks as parity
+  import test_parity_semantoks as semantoks_parity
 
   from boldjax.models.semantoks import split_tokens
   from boldjax.workdir import load_run
@@ -444,7 +431,7 @@ def semantoks_outputs(workdir: str, role: str) -> None:
   names = [k for k in actual if k in outputs]
   assert len(names) >= 10 - 2 * (role == "student"), names
   for k in names:
-    _check(f"semantoks/{k}", actual[k], outputs[k], parity._tolerance(spec, k))
+    _check(f"semantoks/{k}", actual[k], outputs[k], semantoks_parity._tolerance(spec, k))
 
 
 @pytest.mark.skipif(not _have("semantoks"), reason=f"no fixtures under {PARITY_DIR}")

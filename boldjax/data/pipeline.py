@@ -42,6 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.tokenizer.vocab_size = 1024  # 0 -> no tokenizer (continuous targets)
   c.tokenizer.num_maps = 4000  # train maps whose interior patches fit the k-means
   c.tokenizer.seed = 42
+  c.tokenizer.path = ml_collections.config_dict.placeholder(str)  # a given vocabulary (.npz)
   c.token_count_maps = 2000  # maps per split (train, val) for the unigram histograms
   c.batch_size = 64  # global
   c.eval_batch_size = 64  # global
@@ -190,7 +191,22 @@ def prepare(data_cfg: Any) -> FlatMapInfo:
   tcfg = _get(data_cfg, "tokenizer", {})
   vocab_size = int(_get(tcfg, "vocab_size", 0))
   tokenizer, token_counts = None, None
-  if vocab_size > 0:
+  if _get(tcfg, "path"):
+    tokenizer = _given_tokenizer(str(_get(tcfg, "path")), layout, vocab_size)
+    digest = hashlib.sha256(tokenizer.vocab.tobytes()).hexdigest()[:12]
+    count_maps = int(_get(data_cfg, "token_count_maps", 2000))
+    store = _store_dir(path, data_cfg)
+    stem = f"tokenizer_given{digest}_{patch_size}_{ordering_name}"
+    counts_path = os.path.join(store, f"{stem}_counts{count_maps}.npz")
+    if not os.path.exists(counts_path):
+      with flat_builder.file_lock(os.path.join(store, f".{stem}.lock"), f"counting {stem}"):
+        if not os.path.exists(counts_path):
+          seed = int(_get(tcfg, "seed", 42))
+          counts = _token_counts(ds, layout, tokenizer, count_maps, seed)
+          _atomic_save(lambda f: np.savez(f, **counts), counts_path)
+    with np.load(counts_path) as z:
+      token_counts = {k: z[k] for k in z.files}
+  elif vocab_size > 0:
     num_maps = int(_get(tcfg, "num_maps", 4000))
     seed = int(_get(tcfg, "seed", 42))
     count_maps = int(_get(data_cfg, "token_count_maps", 2000))
@@ -228,6 +244,33 @@ def prepare(data_cfg: Any) -> FlatMapInfo:
     value_range=ds.value_range,
     meta=meta,
   )
+
+
+def _given_tokenizer(tok_path: str, layout: PatchLayout, vocab_size: int) -> KMeansTokenizer:
+  """config.data.tokenizer.path: a k-means vocabulary fitted elsewhere (e.g. the one a
+  converted boldGPT checkpoint carries), used as is so its token ids keep their meaning."""
+  from boldjax.cli import InputError, one_line
+
+  field = "config.data.tokenizer.path"
+  if not os.path.isfile(tok_path):
+    raise InputError(f"{tok_path}: {field} expected an existing .npz file, found none")
+  try:
+    tokenizer = KMeansTokenizer.load(tok_path)
+  except (OSError, ValueError) as e:
+    raise InputError(
+      f"{tok_path}: {field} expected an .npz with a (V, D) 'vocab', found {one_line(e)}"
+    ) from e
+  if tokenizer.dim != layout.patch_dim:
+    raise InputError(
+      f"{tok_path}: field 'vocab' expected dim {layout.patch_dim} (config.data.patch_size "
+      f"{layout.patch_size} squared), found {tokenizer.vocab.shape}"
+    )
+  if vocab_size and vocab_size != tokenizer.vocab_size:
+    raise InputError(
+      f"{tok_path}: field 'vocab' expected {vocab_size} entries "
+      f"(config.data.tokenizer.vocab_size), found {tokenizer.vocab_size}"
+    )
+  return tokenizer
 
 
 def _atomic_save(save, path: str) -> None:
