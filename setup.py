@@ -28,6 +28,9 @@ setup(
       "nbclient==0.11.0",
       "ipykernel==7.4.0",
       "portpicker==1.6.0",
+      # the torch-reference tests (benchmarks' PyTorch re-implementations, fixtures' pickles);
+      # 2.13.0 is a CPU build served from this machine's disk
+      "torch==2.13.0",
       # gs:// workdirs tested offline against a local GCS emulator
       "gcsfs==2026.10.1",
       "gcp-storage-emulator==2026.7.19",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,6 +17,7 @@ from boldjax.models.lfb import LfbModel
 from boldjax.models.patch_gpt import PatchGPT
 from boldjax.tasks.csm import l1_rows
 from boldjax.tasks.next_patch import categorical_loss, continuous_loss
+from tests import parity
 
 B, N, PD, V = 3, 13, 24, 40
 
@@ -178,7 +177,7 @@ def test_parse_dots_refuses_a_step_with_a_loop():
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("categorical", [True, False])
 def test_torch_patch_gpt_same_loss(categorical):
-  torch = pytest.importorskip("torch")
+  torch = parity.torch()
   from benchmarks import torch_patch_gpt
 
   m = _patch_gpt(categorical)
@@ -200,7 +199,7 @@ def test_torch_patch_gpt_same_loss(categorical):
 
 
 def test_torch_csm_same_loss():
-  torch = pytest.importorskip("torch")
+  torch = parity.torch()
   from benchmarks import torch_lfb_gpt
 
   m = LfbModel(style="csm", in_dim=12, embed_dim=16, num_layers=2, num_heads=2, dropout=0.1)
@@ -225,7 +224,7 @@ def test_torch_csm_same_loss():
 
 def test_torch_optimizer_step_equals_optax():
   """One clipped AdamW step with warmup lr and decay groups gives the same parameters."""
-  torch = pytest.importorskip("torch")
+  torch = parity.torch()
   from benchmarks import run, torch_patch_gpt
   from boldjax.convert.boldgpt import params_to_torch
 
@@ -270,7 +269,6 @@ def test_torch_optimizer_step_equals_optax():
 # ---------------------------------------------------------------------------------------
 # Seq-BERT and Semantoks DINO.
 # ---------------------------------------------------------------------------------------
-PARITY_DIR = Path(__file__).resolve().parents[2] / "shared" / "parity"
 
 
 def _bert_model(style: str = "bert", **kw) -> LfbModel:
@@ -382,7 +380,7 @@ def test_dino_flops_match_xla_cost_analysis():
 
 @pytest.mark.parametrize("style", ["bert", "netbert"])
 def test_torch_seq_and_net_bert_same_loss(style):
-  torch = pytest.importorskip("torch")
+  torch = parity.torch()
   from benchmarks import torch_lfb_bert
   from boldjax.tasks.seq_bert import bert_losses, pack_pair
 
@@ -415,20 +413,14 @@ def test_torch_seq_and_net_bert_same_loss(style):
 
 
 def _fixture(case: str):
-  folder = PARITY_DIR / case
-  if not (folder / "spec.json").exists():
-    pytest.skip(f"no parity fixture {folder}")
-  import json
-
-  spec = json.loads((folder / "spec.json").read_text())
-  return spec, *(dict(np.load(folder / f"{n}.npz")) for n in ("state_dict", "inputs", "outputs"))
+  return parity.load(case)
 
 
 @pytest.mark.parametrize("case", ["lfb_bert", "lfb_netbert"])
 def test_torch_seq_and_net_bert_match_the_original_fixture(case):
   """The torch reference on the original's weights and batch gives the original's numbers:
   the prepared batch, the masked entries and every loss term."""
-  torch = pytest.importorskip("torch")
+  torch = parity.torch()
   from benchmarks import torch_lfb_bert
   from boldjax.convert.lfb import IGNORED, model_kwargs_from_spec
 
@@ -465,7 +457,7 @@ def test_torch_seq_and_net_bert_match_the_original_fixture(case):
 
 def test_torch_autoencoder_matches_the_original_fixture():
   """The LSTM autoencoder on the original's weights: every stage and the loss."""
-  torch = pytest.importorskip("torch")
+  torch = parity.torch()
   from benchmarks import torch_lfb_autoencoder
   from boldjax.convert.lfb import IGNORED, model_kwargs_from_spec
 
@@ -488,7 +480,7 @@ def test_torch_autoencoder_matches_the_original_fixture():
 
 @pytest.mark.parametrize("forcing", [False, True])
 def test_torch_autoencoder_same_loss(forcing):
-  torch = pytest.importorskip("torch")
+  torch = parity.torch()
   from benchmarks import torch_lfb_autoencoder
   from boldjax.tasks.autoencoder import reconstruction_loss
 
@@ -554,7 +546,7 @@ def _dino_state(task, seed: int = 0):
 
 
 def test_torch_semantoks_same_loss():
-  torch = pytest.importorskip("torch")
+  torch = parity.torch()
   from benchmarks import torch_semantoks
 
   task = _dino_task()
@@ -574,7 +566,7 @@ def test_torch_semantoks_same_loss():
 
 
 def test_torch_semantoks_matches_the_original_fixture():
-  torch = pytest.importorskip("torch")
+  torch = parity.torch()
   from benchmarks import torch_semantoks
   from boldjax.convert.semantoks import semantoks_kwargs
 
@@ -601,7 +593,7 @@ def test_torch_semantoks_matches_the_original_fixture():
 def test_torch_dino_steps_equal_boldjax_steps():
   """Two train steps (AdamW with the decay-to-0.3 weight-decay schedule on every parameter,
   clipping, then the EMA teacher update) give the same student and teacher on both sides."""
-  torch = pytest.importorskip("torch")
+  torch = parity.torch()
   from benchmarks import run, torch_semantoks
   from boldjax.state import TrainState
   from boldjax.train import make_train_step

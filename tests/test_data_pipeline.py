@@ -13,6 +13,7 @@ import pytest
 
 from boldjax.data import flat_builder, pipeline, records, transforms
 from boldjax.data.patching import PatchLayout
+from tests import parity
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -79,11 +80,7 @@ def test_quantize_matches_nsd_flat_and_boldgpt():
 
 
 def test_dequantize_matches_boldgpt_fixture():
-  root = pathlib.Path(os.environ.get("BOLDJAX_PARITY_DIR", REPO.parent / "shared" / "parity"))
-  path = root / "boldgpt_categorical" / "inputs.npz"
-  if not path.exists():
-    pytest.skip(f"parity fixture {path} absent (set BOLDJAX_PARITY_DIR)")
-  inputs = np.load(path)
+  inputs = np.load(parity.folder(parity.cases("boldgpt_*")[0]) / "inputs.npz")
   got = records.dequantize(inputs["activity_uint8"])
   np.testing.assert_array_equal(got.view(np.uint32), inputs["activity"].view(np.uint32))
 
@@ -410,8 +407,9 @@ def test_mp_prefetch_matches_in_process(flat_data):
   mp.close()
 
 
-def test_real_synthetic_generator_if_available(tmp_path):
-  synthetic = pytest.importorskip("boldjax.data.synthetic_flat")
+def test_real_synthetic_generator(tmp_path):
+  from boldjax.data import synthetic_flat as synthetic
+
   spec = synthetic.SyntheticFlatSpec(num_subjects=2, trials_per_subject=10, seed=0)
   path = flat_builder.ensure_synthetic_flat(str(tmp_path), spec)
   ds = records.open_flat_dataset(path)

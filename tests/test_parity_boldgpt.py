@@ -7,9 +7,7 @@ outputs and pure gathers exactly). Sizes come from spec.json, never from this fi
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,39 +17,26 @@ import pytest
 from boldjax.convert.boldgpt import convert_boldgpt, model_kwargs_from_spec, params_to_torch
 from boldjax.models.patch_gpt import PatchGPT
 from boldjax.tasks.next_patch import categorical_loss, continuous_loss
+from tests import parity
 
-PARITY_DIR = Path(
-  os.environ.get("BOLDJAX_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "parity")
-)
-CASES = sorted(p.name for p in PARITY_DIR.glob("boldgpt_*") if (p / "spec.json").exists())
+CASES = parity.cases("boldgpt_*")
 
 
-def _load(case: str):
-  folder = PARITY_DIR / case
-  spec = json.loads((folder / "spec.json").read_text())
-  arrays = [dict(np.load(folder / f"{name}.npz")) for name in ("state_dict", "inputs", "outputs")]
-  return (spec, *arrays)
-
-
-def _check(name: str, actual, expected, tol: dict) -> None:
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-  if tol.get("exact") or tol.get("atol", None) == 0.0 and tol.get("rtol", 0.0) == 0.0:
-    mismatch = int(np.sum(actual != expected))
-    assert mismatch == 0, f"{name}: {mismatch} of {actual.size} entries differ (exact expected)"
-  else:
-    np.testing.assert_allclose(
-      actual, expected, atol=tol["atol"], rtol=tol.get("rtol", 0.0), err_msg=name
-    )
-
-
-@pytest.mark.skipif(
-  not CASES, reason=f"no boldgpt_* parity fixtures under {PARITY_DIR} (set BOLDJAX_PARITY_DIR)"
-)
-@pytest.mark.parametrize("case", CASES)
-def test_boldgpt_parity(case: str) -> None:
-  spec, sd, inputs, outputs = _load(case)
+def compare(case: str, spec: dict, actual: dict, outputs: dict) -> None:
+  """Every output spec.json lists, NaN/Inf failing; prints the worst err/tol."""
   tolerances = {k: v for k, v in spec["tolerances"].items() if k != "note"}
+  unchecked = sorted(set(tolerances) - set(actual))
+  assert not unchecked, f"{case}: no boldjax value for fixture outputs {unchecked}"
+  ratios = {name: parity.check(f"{case}/{name}", actual[name], outputs[name], tol)
+            for name, tol in tolerances.items()}  # fmt: skip
+  worst = max(ratios, key=ratios.get)
+  print(f"{case}: {len(ratios)} outputs, worst err/tol {ratios[worst]:.3g} ({worst})")
+
+
+@functools.cache
+def computed(case: str) -> tuple[dict, dict, dict]:
+  """(spec, actual, outputs) of a case, computed once."""
+  spec, sd, inputs, outputs = parity.load(case)
   kwargs = model_kwargs_from_spec(spec)
   model = PatchGPT(**kwargs)
   params, extras = convert_boldgpt(
@@ -103,7 +88,25 @@ def test_boldgpt_parity(case: str) -> None:
       for name, g in params_to_torch(grads).items():
         actual[f"grad{suffix}/{name}"] = g
 
-  unchecked = sorted(set(tolerances) - set(actual))
-  assert not unchecked, f"{case}: no boldjax value for fixture outputs {unchecked}"
-  for name, tol in tolerances.items():
-    _check(f"{case}/{name}", actual[name], outputs[name], tol)
+  return spec, {k: np.asarray(v) for k, v in actual.items()}, outputs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_boldgpt_parity(case: str) -> None:
+  compare(case, *computed(case))
+
+
+@pytest.mark.parametrize("case", CASES[:1])
+def test_a_nan_in_any_output_fails_boldgpt_parity(case: str) -> None:
+  spec, actual, outputs = computed(case)
+  for name in spec["tolerances"]:
+    if name == "note" or not np.issubdtype(np.asarray(outputs[name]).dtype, np.floating):
+      continue
+    poisoned = {**outputs, name: np.asarray(outputs[name], np.float64).copy()}
+    poisoned[name].reshape(-1)[-1] = np.nan
+    with pytest.raises(AssertionError, match="non-finite"):
+      compare(case, spec, actual, poisoned)
+    broken = {**actual, name: np.asarray(actual[name], np.float64).copy()}
+    broken[name].reshape(-1)[0] = np.nan
+    with pytest.raises(AssertionError, match="non-finite"):
+      compare(case, spec, broken, outputs)

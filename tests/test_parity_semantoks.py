@@ -9,9 +9,7 @@ compared within spec["tolerances"]; sizes come from spec.json, never from this f
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
+import functools
 
 import flax.linen as nn
 import jax
@@ -22,51 +20,36 @@ import pytest
 from boldjax.convert.semantoks import params_to_torch, semantoks_kwargs, semantoks_params
 from boldjax.models.semantoks import DinoHead, SemantoksEncoder, split_tokens
 from boldjax.tasks.simdino_objectives import schedules_from_config, simdino_losses
+from tests import parity
 
-PARITY_DIR = Path(
-  os.environ.get("BOLDJAX_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "parity")
-)
-CASES = sorted(p.name for p in PARITY_DIR.glob("semantoks*") if (p / "spec.json").exists())
-
-
-def _load(case: str):
-  folder = PARITY_DIR / case
-  spec = json.loads((folder / "spec.json").read_text())
-  arrays = [dict(np.load(folder / f"{name}.npz")) for name in ("state_dict", "inputs", "outputs")]
-  return (spec, *arrays)
+CASES = parity.cases("semantoks*")
 
 
 def _tolerance(spec: dict, name: str) -> dict:
-  tols = spec["tolerances"]
-  if name in tols:
-    return tols[name]
-  prefixes = [k for k in tols if k.endswith("/") and name.startswith(k)]
-  if name == "schedule/steps":
+  if name == "schedule/steps" and name not in spec["tolerances"]:
     return {"exact": True}
-  assert prefixes, f"no tolerance for output {name} in spec.json"
-  return tols[prefixes[0]]
+  return parity.tolerance(spec, name)
 
 
-def _ratio(name: str, actual, expected, tol: dict) -> float:
-  """Worst |a - e| / (atol + rtol |e|); asserts shapes (and equality for exact outputs)."""
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-  if tol.get("exact"):
-    assert np.array_equal(actual, expected), f"{name}: not exactly equal"
-    return 0.0
-  err = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
-  allowed = tol.get("atol", 0.0) + tol.get("rtol", 0.0) * np.abs(expected.astype(np.float64))
-  with np.errstate(divide="ignore", invalid="ignore"):
-    r = np.where(err == 0, 0.0, err / allowed)
-  return float(np.max(r)) if r.size else 0.0
+def compare(case: str, spec: dict, actual: dict, outputs: dict) -> None:
+  """Every fixture output against boldjax's, NaN/Inf failing; prints the worst err/tol."""
+  missing = sorted(set(outputs) - set(actual))
+  assert not missing, f"{case}: no boldjax value for fixture outputs {missing}"
+  failures, ratios = [], {}
+  for k in outputs:
+    try:
+      ratios[k] = parity.check(f"{case}/{k}", actual[k], outputs[k], _tolerance(spec, k))
+    except AssertionError as e:
+      failures.append(str(e)[:400])
+  assert not failures, "\n".join(failures)
+  worst = max(ratios, key=ratios.get)
+  print(f"{case}: {len(ratios)} outputs, worst err/tol {ratios[worst]:.3g} ({worst})")
 
 
-@pytest.mark.skipif(
-  not CASES, reason=f"no semantoks* parity fixtures under {PARITY_DIR} (set BOLDJAX_PARITY_DIR)"
-)
-@pytest.mark.parametrize("case", CASES)
-def test_semantoks_parity(case: str) -> None:
-  spec, sd, inputs, outputs = _load(case)
+@functools.cache
+def computed(case: str):
+  """(spec, state_dict, kw, student buffers, actual, outputs) of a case, computed once."""
+  spec, sd, inputs, outputs = parity.load(case)
   kw = semantoks_kwargs(spec["constructor_kwargs"], inputs["network_map"], f"{case}/spec.json")
   derived = spec["derived"]
   enc_kw = kw["encoder"]
@@ -152,13 +135,14 @@ def test_semantoks_parity(case: str) -> None:
   assert w_fwd == pytest.approx(w_net, rel=1e-12)
   assert cfg["total_steps"] == cfg["steps_per_epoch"] * cfg["epochs"]
 
-  missing = sorted(set(outputs) - set(actual))
-  assert not missing, f"{case}: no boldjax value for fixture outputs {missing}"
-  ratios = {k: _ratio(f"{case}/{k}", actual[k], outputs[k], _tolerance(spec, k)) for k in outputs}
-  worst = max(ratios, key=ratios.get)
-  print(f"{case}: {len(ratios)} outputs, worst err/tol {ratios[worst]:.3g} ({worst})")
-  failures = {k: r for k, r in ratios.items() if r > 1.0}
-  assert not failures, f"{case}: outside tolerance (err/tol): {failures}"
+  actual = {k: np.asarray(v) for k, v in actual.items()}
+  return spec, sd, kw, student_buffers, actual, outputs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_semantoks_parity(case: str) -> None:
+  spec, sd, kw, student_buffers, actual, outputs = computed(case)
+  compare(case, spec, actual, outputs)
 
   # An uninitialised kernel_norm (flag False) is computed from the kernels as the original's
   # first forward would: it reproduces the stored buffers.
@@ -177,6 +161,22 @@ def test_semantoks_parity(case: str) -> None:
   gone = "teacher_encoder.norm.bias"
   with pytest.raises(KeyError, match=gone):
     semantoks_params({k: v for k, v in sd.items() if k != gone}, kw)
+
+
+@pytest.mark.parametrize("case", CASES[:1])
+def test_a_nan_in_any_output_fails_semantoks_parity(case: str) -> None:
+  spec, _, _, _, actual, outputs = computed(case)
+  for name in outputs:
+    if not np.issubdtype(np.asarray(outputs[name]).dtype, np.floating):
+      continue
+    poisoned = {**outputs, name: np.asarray(outputs[name], np.float64).copy()}
+    poisoned[name].reshape(-1)[-1] = np.nan
+    with pytest.raises(AssertionError, match="non-finite"):
+      compare(case, spec, actual, poisoned)
+    broken = {**actual, name: np.asarray(actual[name], np.float64).copy()}
+    broken[name].reshape(-1)[0] = np.inf
+    with pytest.raises(AssertionError, match="non-finite"):
+      compare(case, spec, broken, outputs)
 
 
 def _slconv_reference(x, kernels, D, mult, norm):

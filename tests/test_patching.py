@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 import numpy as np
 import pytest
 
 from boldjax.data.patching import PatchLayout, distance_map, infer_padding
+from tests import parity
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _fixture(case: str) -> pathlib.Path:
-  root = pathlib.Path(os.environ.get("BOLDJAX_PARITY_DIR", REPO.parent / "shared" / "parity"))
-  path = root / case
-  if not (path / "spec.json").exists():
-    pytest.skip(f"parity fixture {path} absent (set BOLDJAX_PARITY_DIR to the parity folder)")
-  return path
+  return parity.folder(case)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import numpy as np
@@ -10,16 +9,13 @@ import pytest
 
 from boldjax.data.patching import PatchLayout
 from boldjax.data.tokenizer import KMeansTokenizer
+from tests import parity
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _fixture(case: str) -> pathlib.Path:
-  root = pathlib.Path(os.environ.get("BOLDJAX_PARITY_DIR", REPO.parent / "shared" / "parity"))
-  path = root / case
-  if not (path / "spec.json").exists():
-    pytest.skip(f"parity fixture {path} absent (set BOLDJAX_PARITY_DIR to the parity folder)")
-  return path
+  return parity.folder(case)
 
 
 def test_fixture_tokens_exact():
