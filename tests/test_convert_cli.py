@@ -188,9 +188,12 @@ def test_lfb_converts_to_matching_workdir(tmp_path, case):
   lfb_outputs(case, str(workdir))
 
 
+# Every format reads back to the identical state_dict (test_every_format_reads_the_same_
+# state_dict), so the end-to-end runs per format take one case per converter; the
+# safetensors run of every case is in the fast tests.
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS[1:])
-@pytest.mark.parametrize("case", sorted(LFB_ALL))
+@pytest.mark.parametrize("case", ["lfb_gpt_csm"])
 def test_lfb_every_format_converts(tmp_path, case, fmt):
   parity.folder(case)  # skips without fixtures, fails where they are required
   family = LFB_ALL[case]
@@ -300,8 +303,8 @@ def test_boldgpt_converts_to_matching_workdir(tmp_path, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", FORMATS[1:])
-@pytest.mark.parametrize("case", BOLDGPT)
+@pytest.mark.parametrize("fmt", ["wrapped.pt"])
+@pytest.mark.parametrize("case", BOLDGPT[:1])
 def test_boldgpt_every_format_converts(tmp_path, case, fmt):
   parity.folder(case)  # skips without fixtures, fails where they are required
   _, sd, _, _ = _load(case)
@@ -450,7 +453,7 @@ def test_semantoks_converts_to_matching_workdir(tmp_path, role):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _have("semantoks"), reason=f"no fixtures under {PARITY_DIR}")
-@pytest.mark.parametrize("fmt", FORMATS[1:] + ("training.pt",))
+@pytest.mark.parametrize("fmt", ["training.pt"])
 def test_semantoks_every_format_converts(tmp_path, fmt):
   _, sd, _, _ = _load("semantoks")
   if fmt == "training.pt":
