@@ -23,6 +23,7 @@ setup(
   extras_require={
     "test": [
       "pytest==9.0.3",
+      "hypothesis==6.155.2",
       "ruff==0.17.6",
       "nbformat==5.11.1",
       "nbclient==0.11.0",

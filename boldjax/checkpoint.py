@@ -23,7 +23,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from boldjax.cli import InputError
+from boldjax.cli import InputError, one_line
 
 CONFIG_FILE = "config.json"
 FINAL_FILE = "final.json"  # the final evaluation table of a finished run
@@ -210,9 +210,9 @@ def write_json(file: epath.Path, value: Any) -> None:
 
 def read_json(file: epath.Path) -> Any:
   try:
-    return json.loads(file.read_text())
-  except json.JSONDecodeError as e:
-    raise InputError(f"{file}: expected JSON, found {e}") from e
+    return json.loads(file.read_bytes().decode("utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise InputError(f"{file}: expected UTF-8 JSON, found {e}") from e
 
 
 def save_config(workdir: str | epath.PathLike, config: ml_collections.ConfigDict) -> None:
@@ -228,7 +228,15 @@ def load_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
       f"{file}: not found: {str(workdir)!r} is not a boldjax workdir (train with "
       "`python -m boldjax.main --workdir=...` or make one with `python -m boldjax.convert`)"
     )
-  return ml_collections.ConfigDict(_tuples(read_json(file)))
+  raw = read_json(file)
+  if not isinstance(raw, dict):
+    raise InputError(
+      f"{file}: expected a JSON object (the run's config), found {type(raw).__name__}"
+    )
+  try:
+    return ml_collections.ConfigDict(_tuples(raw))
+  except (ValueError, TypeError, KeyError) as e:  # keys ConfigDict refuses (dots, ...)
+    raise InputError(f"{file}: expected a boldjax config, found {one_line(e)}") from e
 
 
 def config_changes(
@@ -240,11 +248,15 @@ def config_changes(
   refused, allowed = [], []
   for key in sorted(old.keys() | new.keys()):
     a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-    if a == b:
+    if a == b or _both_nan(a, b):
       continue
     line = f"{key}: expected {a!r}, found {b!r}"
     (allowed if _safe(key) else refused).append(line)
   return refused, allowed
+
+
+def _both_nan(a: Any, b: Any) -> bool:
+  return isinstance(a, float) and isinstance(b, float) and a != a and b != b
 
 
 def _safe(key: str) -> bool:

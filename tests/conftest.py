@@ -20,3 +20,24 @@ if "BOLDJAX_CACHE" not in os.environ:
 def pytest_sessionfinish(session, exitstatus):
   if _CACHE is not None:
     shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+# Hypothesis profiles (tests/test_fuzz_importers.py): "ci" is derandomized and small (the
+# fuzz file in ~1.5 min); `pytest --hypothesis-profile=long` runs 10x as many, randomized.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+  "ci",
+  derandomize=True,
+  max_examples=80,
+  deadline=None,
+  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+  print_blob=True,
+)
+settings.register_profile(
+  "long",
+  parent=settings.get_profile("ci"),
+  derandomize=False,
+  max_examples=800,
+)
+settings.load_profile("ci")

@@ -14,6 +14,7 @@ import pytest
 from boldjax.data import bold_importers as bi
 from boldjax.data import bold_records
 from boldjax.data.bold_importers import ImportOptions
+from tests.cli_helpers import prepare_refuses
 
 
 def _opts(tmp_path, name="out", **kw) -> ImportOptions:
@@ -53,6 +54,13 @@ def _lfb_runs(r=6, n_sub=4, t=20, seed=0):
   ]
 
 
+def _wds_refuses(capsys, tmp_path, args, match, allow_pickle=True):
+  """`prepare webdataset ARGS --out=...` refuses: exit 2, one line, no output folder."""
+  out = tmp_path / "refused"
+  argv = ["webdataset", "--seq-min=5", *args, f"--out={out}"]
+  prepare_refuses(capsys, argv + (["--allow-pickle"] if allow_pickle else []), match, out)
+
+
 def _all_records(path):
   ds = bold_records.open_bold_dataset(path)
   out = {}
@@ -64,11 +72,11 @@ def _all_records(path):
   return ds, out
 
 
-def test_webdataset_lfb_round_trip_and_pickle_opt_in(tmp_path):
+def test_webdataset_lfb_round_trip_and_pickle_opt_in(tmp_path, capsys):
   runs = _lfb_runs()
   tar = _lfb_tar(tmp_path / "lfb.tar", runs)
-  with pytest.raises(ValueError, match=r"lfb\.tar.*'bold\.pyd' is a Python pickle.*--allow-pickle"):
-    bi.import_webdataset([tar], _opts(tmp_path))
+  _wds_refuses(capsys, tmp_path, [tar], r"lfb\.tar.*'bold\.pyd' is a Python pickle.*--allow-pickle",
+               allow_pickle=False)  # fmt: skip
   out = bi.import_webdataset([tar], _opts(tmp_path), allow_pickle=True)
   ds, recs = _all_records(out)
   assert ds.meta["num_parcels"] == 6 and len(recs) == 8
@@ -125,54 +133,49 @@ def test_webdataset_cortexmae_round_trip(tmp_path):
     np.testing.assert_array_equal(rec["block_label"], [1, 0])
 
 
-def test_truncated_tar(tmp_path):
+def test_truncated_tar(tmp_path, capsys):
   tar = _lfb_tar(tmp_path / "lfb.tar", _lfb_runs())
   data = open(tar, "rb").read()
   for cut in (len(data) // 2 + 100, 3 * 512 + 100):
     bad = tmp_path / f"cut{cut}.tar"
     bad.write_bytes(data[:cut])
-    with pytest.raises(ValueError, match=rf"cut{cut}\.tar: field 'tar'.*truncated"):
-      bi.import_webdataset([str(bad)], _opts(tmp_path, f"o{cut}"), allow_pickle=True)
+    _wds_refuses(capsys, tmp_path, [bad], rf"cut{cut}\.tar: field 'tar'.*truncated")
 
 
-def test_missing_key(tmp_path):
+def test_missing_key(tmp_path, capsys):
   runs = [(k, b, None, lab) for k, b, _, lab in _lfb_runs()]
   tar = _lfb_tar(tmp_path / "notr.tar", runs)
-  with pytest.raises(ValueError, match=r"notr\.tar: sample .*missing field 't_r\.pyd'"):
-    bi.import_webdataset([tar], _opts(tmp_path), allow_pickle=True)
+  _wds_refuses(capsys, tmp_path, [tar], r"notr\.tar: sample .*missing field 't_r\.pyd'")
   out = bi.import_webdataset([tar], _opts(tmp_path, "withtr"), allow_pickle=True, tr=0.8)
   assert bold_records.open_bold_dataset(out).meta["trs"] == [0.8]
-  with pytest.raises(ValueError, match=r"missing field 'age'"):
-    bi.import_webdataset([tar], _opts(tmp_path, "x"), allow_pickle=True, tr=1.0, label_key="age")
+  _wds_refuses(capsys, tmp_path, [tar, "--tr=1.0", "--label-key=age"],
+               r"notr\.tar: sample .*missing field 'age'")  # fmt: skip
 
 
-def test_nan_frames(tmp_path):
+def test_nan_frames(tmp_path, capsys):
   runs = _lfb_runs()
   runs[3][1][7, 2] = np.nan
   tar = _lfb_tar(tmp_path / "nan.tar", runs)
-  with pytest.raises(ValueError, match=r"nan\.tar:.*field 'bold' expected finite.*at frame 7"):
-    bi.import_webdataset([tar], _opts(tmp_path), allow_pickle=True)
+  _wds_refuses(capsys, tmp_path, [tar], r"nan\.tar:.*field 'bold' expected finite.*at frame 7")
   runs[3][1][7, 2] = np.inf
   tar = _lfb_tar(tmp_path / "inf.tar", runs)
-  with pytest.raises(ValueError, match=r"inf\.tar:.*NaN/Inf in 1 frame"):
-    bi.import_webdataset([tar], _opts(tmp_path), allow_pickle=True)
+  _wds_refuses(capsys, tmp_path, [tar], r"inf\.tar:.*NaN/Inf in 1 frame")
 
 
-def test_wrong_num_parcels(tmp_path):
+def test_wrong_num_parcels(tmp_path, capsys):
   runs = _lfb_runs()
   k, b, tr, lab = runs[5]
   runs[5] = (k, b[:, :5], tr, lab)
   tar = _lfb_tar(tmp_path / "r.tar", runs)
-  with pytest.raises(
-    ValueError, match=rf"r\.tar:{k}: field 'bold' expected R=6 parcels, found R=5"
-  ):
-    bi.import_webdataset([tar], _opts(tmp_path), allow_pickle=True)
+  _wds_refuses(
+    capsys, tmp_path, [tar], rf"r\.tar:{k}: field 'bold' expected R=6 parcels, found R=5"
+  )
 
 
-def test_too_short_for_seq_min(tmp_path):
+def test_too_short_for_seq_min(tmp_path, capsys):
   tar = _lfb_tar(tmp_path / "s.tar", _lfb_runs(t=8))
-  with pytest.raises(ValueError, match=r"s\.tar:.*expected T >= seq_min=10 frames, found T=[89]"):
-    bi.import_webdataset([tar], _opts(tmp_path, seq_min=10), allow_pickle=True)
+  _wds_refuses(capsys, tmp_path, [tar, "--seq-min=10"],
+               r"s\.tar:.*expected T >= seq_min=10 frames, found T=[89]")  # fmt: skip
 
 
 def _write_h5(path, n=6, r=5, t=30, tr=0.8, n_subjects=None, labels=None):
@@ -207,15 +210,59 @@ def test_hdf5_round_trip(tmp_path):
     assert rec["label"] == i % 2
 
 
-def test_hdf5_inconsistent_lengths(tmp_path):
+def _prepare_fails(argv: list[str], capsys, out: str) -> str:
+  """`python -m boldjax.prepare ARGV` through boldjax.cli (as the command runs it): exit
+  status 2, one error line, nothing at --out. Returns the line."""
+  from boldjax import cli, prepare
+
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    cli.run_argparse("python -m boldjax.prepare", prepare.main, argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  lines = [x for x in err.splitlines() if x.startswith("python -m boldjax.prepare: error:")]
+  assert len(lines) == 1 and "Traceback" not in err, err
+  assert not os.path.exists(out)
+  return lines[0]
+
+
+def test_hdf5_inconsistent_lengths(tmp_path, capsys):
   path = tmp_path / "bad.h5"
   _write_h5(path, n_subjects=5)
-  with pytest.raises(ValueError, match=r"bad\.h5: field 'long_subject_id' expected shape \(6,\)"):
-    bi.import_hdf5(str(path), _opts(tmp_path))
+  out = str(tmp_path / "out")
+  line = _prepare_fails(["hdf5", str(path), f"--out={out}"], capsys, out)
+  assert f"{path}: field 'long_subject_id' expected shape (6,)" in line
   path2 = tmp_path / "bad2.h5"
   _write_h5(path2, labels=np.asarray([0, 1, 2]))
-  with pytest.raises(ValueError, match=r"bad2\.h5: field 'labels/state' expected shape \(6,\)"):
-    bi.import_hdf5(str(path2), _opts(tmp_path))
+  line = _prepare_fails(["hdf5", str(path2), f"--out={out}"], capsys, out)
+  assert f"{path2}: field 'labels/state' expected shape (6,)" in line
+
+
+def test_hdf5_several_atlases_without_schaefer400_need_atlas(tmp_path, capsys):
+  import h5py
+
+  path = tmp_path / "two.h5"
+  _write_h5(path)
+  with h5py.File(path, "r+") as f:
+    f.create_dataset("timeseries/aal", data=np.zeros((6, 3, 30), np.float32))
+  out = str(tmp_path / "out")
+  line = _prepare_fails(["hdf5", str(path), f"--out={out}"], capsys, out)
+  assert f"{path}: field 'timeseries' expected timeseries/schaefer400" in line
+  assert "pass --atlas NAME" in line
+  got = bi.import_hdf5(str(path), _opts(tmp_path), atlas="aal", tr=1.0)
+  assert bold_records.open_bold_dataset(got).meta["num_parcels"] == 3
+
+
+def test_hdf5_without_tr_defaults_to_2s(tmp_path, capsys):
+  import h5py
+
+  path = tmp_path / "notr.h5"
+  _write_h5(path)
+  with h5py.File(path, "r+") as f:
+    del f["timeseries/schaefer100"].attrs["tr"]
+  out = bi.import_hdf5(str(path), _opts(tmp_path))
+  assert "carries no TR" in capsys.readouterr().out
+  assert bold_records.open_bold_dataset(out).meta["trs"] == [2.0]
 
 
 def _nitime_epi() -> str:
@@ -288,7 +335,7 @@ def test_cifti_mmp_cortex_round_trip(tmp_path):
     np.testing.assert_allclose(rec["bold"], expect + s, rtol=1e-5, atol=1e-6)
 
 
-def test_cifti_custom_dlabel(tmp_path):
+def test_cifti_custom_dlabel(tmp_path, capsys):
   import nibabel as nib
 
   bm = nib.cifti2.BrainModelAxis.from_surface(np.arange(50), 60, "CortexLeft")
@@ -313,9 +360,13 @@ def test_cifti_custom_dlabel(tmp_path):
   np.testing.assert_allclose(rec["bold"], expect, rtol=1e-5)
   other = nib.cifti2.BrainModelAxis.from_surface(np.arange(50) + 1, 60, "CortexLeft")
   nib.save(nib.Cifti2Image(data, (series, other)), tmp_path / "y.dtseries.nii")
-  with pytest.raises(ValueError, match=r"y\.dtseries\.nii: field 'BrainModelAxis' expected"):
-    bi.import_cifti(
-      [str(tmp_path / "y.dtseries.nii")],
-      _opts(tmp_path, "o2", val_fraction=0, test_fraction=0),
-      parcellation=str(tmp_path / "p.dlabel.nii"),
-    )
+  argv = [
+    "cifti",
+    tmp_path / "y.dtseries.nii",
+    f"--out={tmp_path / 'o2'}",
+    f"--parcellation={tmp_path / 'p.dlabel.nii'}",
+    "--val-fraction=0",
+    "--test-fraction=0",
+  ]
+  prepare_refuses(capsys, argv, r"y\.dtseries\.nii: field 'BrainModelAxis' expected",
+                  tmp_path / "o2")  # fmt: skip

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from boldjax.cli import InputError
 from boldjax.data.records import (
   SPLITS,
   EmptySource,
@@ -58,6 +59,9 @@ FIELDS = (
   "has_stats",
 )
 _OPTIONAL_INPUT = {"where", *FIELDS}
+# Labels are class indices (-1 = none). A larger value is an id or a measurement, not a
+# class, and would make meta.json list that many class names.
+MAX_LABEL = 100_000
 
 
 def subject_splits(
@@ -163,12 +167,44 @@ def _builder_class():
 
 
 def _int_vector(value: Any, where: str, field: str, length: int | None = None) -> np.ndarray:
-  arr = np.asarray(value)
+  arr = _array(value, where, field)
   if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
     raise ValueError(f"{where}: field {field!r} expected a 1-D integer array, found {arr.dtype}")
   if length is not None and len(arr) != length:
     raise ValueError(f"{where}: field {field!r} expected length {length}, found {len(arr)}")
+  if arr.size and (arr.min() < -1 or arr.max() > MAX_LABEL):
+    raise InputError(
+      f"{where}: field {field!r} expected class indices in -1..{MAX_LABEL}, found "
+      f"{int(arr.min())}..{int(arr.max())}"
+    )
   return arr.astype(np.int32)
+
+
+def _array(value: Any, where: str, field: str, dtype: Any = None) -> np.ndarray:
+  """np.asarray(value, dtype), its conversion errors named by where and field."""
+  try:
+    return np.asarray(value, dtype)
+  except (TypeError, ValueError, OverflowError) as e:
+    want = f" of {np.dtype(dtype).name}" if dtype is not None else ""
+    raise InputError(f"{where}: field {field!r} expected an array{want}, found {e}") from e
+
+
+def _scalar(value: Any, where: str, field: str, lo: float, hi: float) -> float:
+  """One finite real number in lo..hi, else an InputError naming where and the field."""
+  arr = _array(value, where, field)
+  if arr.size != 1 or arr.dtype.kind not in "iubf":
+    raise InputError(f"{where}: field {field!r} expected a number, found {value!r}")
+  x = float(arr.reshape(-1)[0])
+  if not (np.isfinite(x) and lo <= x <= hi):
+    raise InputError(f"{where}: field {field!r} expected a number in {lo:g}..{hi:g}, found {x}")
+  return x
+
+
+def _index_scalar(value: Any, where: str, field: str, lo: int, hi: int) -> np.int32:
+  x = _scalar(value, where, field, lo, hi)
+  if x != round(x):
+    raise InputError(f"{where}: field {field!r} expected an integer, found {x}")
+  return np.int32(x)
 
 
 def validate_record(
@@ -187,12 +223,14 @@ def validate_record(
   for key in ("bold", "tr", "subject"):
     if key not in ex:
       raise ValueError(f"{where}: missing field {key!r}")
-  bold = np.asarray(ex["bold"])
+  bold = _array(ex["bold"], where, "bold")
   if bold.ndim != 2 or not np.issubdtype(bold.dtype, np.floating):
     raise ValueError(
       f"{where}: field 'bold' expected a float (T, R) array, found {bold.dtype} {bold.shape}"
     )
   t, r = bold.shape
+  if r == 0:
+    raise InputError(f"{where}: field 'bold' expected R >= 1 parcels, found shape {bold.shape}")
   if num_parcels is not None and r != num_parcels:
     raise ValueError(f"{where}: field 'bold' expected R={num_parcels} parcels, found R={r}")
   if t < seq_min:
@@ -204,30 +242,34 @@ def validate_record(
       f"{where}: field 'bold' expected finite values, found NaN/Inf in {len(frames)} "
       f"frame(s), first at frame {int(frames[0])}"
     )
-  stored = bold.astype(bold_dtype)
+  with np.errstate(over="ignore"):
+    stored = bold.astype(bold_dtype)
   if not np.isfinite(stored).all():
     raise ValueError(
       f"{where}: field 'bold' overflows {bold_dtype} (max |x| {float(np.abs(bold).max()):.3g}); "
       "use float32 storage or rescale"
     )
-  tr = float(ex["tr"])
-  if not np.isfinite(tr) or tr <= 0:
+  tr = _scalar(ex["tr"], where, "tr", -np.inf, np.inf)
+  if tr <= 0 or not np.isfinite(np.float32(tr)):
     raise ValueError(f"{where}: field 'tr' expected a positive number of seconds, found {tr}")
   out: dict[str, Any] = {"bold": stored, "tr": np.float32(tr)}
   for key in _STRINGS:
     out[key] = str(ex.get(key, ""))
   if not out["subject"]:
     raise ValueError(f"{where}: field 'subject' expected a non-empty id, found ''")
-  out["subject_id"] = np.int32(ex.get("subject_id", -1))
-  out["label"] = np.int32(ex.get("label", -1))
+  out["subject_id"] = _index_scalar(ex.get("subject_id", -1), where, "subject_id", -1, 2**31 - 1)
+  out["label"] = _index_scalar(ex.get("label", -1), where, "label", -1, MAX_LABEL)
   fl = ex.get("frame_labels")
   if fl is None:
     out["frame_labels"] = np.full(t, -1, np.int32)
   else:
     out["frame_labels"] = _int_vector(fl, where, "frame_labels", t)
-  onset = np.asarray(ex.get("block_onset_s", []), np.float32).reshape(-1)
-  duration = np.asarray(ex.get("block_duration_s", []), np.float32).reshape(-1)
-  blabel = _int_vector(np.asarray(ex.get("block_label", []), np.int64), where, "block_label")
+  onset = _array(ex.get("block_onset_s", []), where, "block_onset_s", np.float32).reshape(-1)
+  duration = _array(ex.get("block_duration_s", []), where, "block_duration_s", np.float32)
+  duration = duration.reshape(-1)
+  blabel = _int_vector(
+    _array(ex.get("block_label", []), where, "block_label", np.int64), where, "block_label"
+  )
   if not (len(onset) == len(duration) == len(blabel)):
     raise ValueError(
       f"{where}: fields {_BLOCKS} expected equal lengths, found "
@@ -241,8 +283,8 @@ def validate_record(
     for key in ("mean", "std"):
       if ex.get(key) is None:
         raise ValueError(f"{where}: field {key!r} missing (mean and std come together)")
-    mean = np.asarray(ex["mean"], np.float32).reshape(-1)
-    std = np.asarray(ex["std"], np.float32).reshape(-1)
+    mean = _array(ex["mean"], where, "mean", np.float32).reshape(-1)
+    std = _array(ex["std"], where, "std", np.float32).reshape(-1)
     for key, v in (("mean", mean), ("std", std)):
       if v.shape != (r,):
         raise ValueError(f"{where}: field {key!r} expected shape ({r},), found {v.shape}")

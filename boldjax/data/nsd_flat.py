@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from boldjax import registry
+from boldjax.cli import InputError
 from boldjax.data import records
 
 HEIGHT, WIDTH = 215, 200
@@ -54,21 +55,31 @@ def list_input_files(path: str) -> list[str]:
 def _check_columns(path: str, names: list[str], columns: tuple[str, ...]) -> None:
   missing = [c for c in columns if c not in names]
   if missing:
-    raise ValueError(
+    raise InputError(
       f"{path}: row n/a, missing column(s) {missing}; NSD-Flat needs {list(COLUMNS)}, found {names}"
     )
 
 
 def iter_batches(path: str, columns: tuple[str, ...], batch_size: int = 512) -> Iterator[Any]:
-  """pyarrow RecordBatches with just `columns` (parquet reads only those columns)."""
+  """pyarrow RecordBatches with just `columns` (parquet reads only those columns); a
+  corrupt or truncated file is an InputError naming it, wherever the damage is."""
+  try:
+    yield from _batches(path, columns, batch_size)
+  except InputError:
+    raise
+  except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError / ...
+    raise InputError(
+      f"{path}: field 'file': expected a readable {os.path.splitext(path)[1][1:]} file, found "
+      f"{type(e).__name__}: {' '.join(str(e).split())}"
+    ) from e
+
+
+def _batches(path: str, columns: tuple[str, ...], batch_size: int) -> Iterator[Any]:
   import pyarrow as pa
   import pyarrow.parquet as pq
 
   if path.endswith(".parquet"):
-    try:
-      pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for corrupt files
-      raise ValueError(f"{path}: cannot read parquet file: {e}") from e
+    pf = pq.ParquetFile(path)
     _check_columns(path, pf.schema_arrow.names, columns)
     yield from pf.iter_batches(batch_size=batch_size, columns=list(columns))
     return
@@ -100,11 +111,48 @@ def _index(files: list[str], limit: int | None) -> dict[str, np.ndarray]:
         if col.null_count:
           row = total + int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
           raise ValueError(f"{path}: row {row}, field {c!r}: expected a value, found null")
-        cols[c].append(col.to_numpy(zero_copy_only=False)[:n])
+        cols[c].append(_index_column(path, c, col.to_numpy(zero_copy_only=False)[:n], total))
       total += n
       if limit is not None and total >= limit:
         return {c: np.concatenate(v) for c, v in cols.items()}
   return {c: np.concatenate(v) if v else np.zeros(0) for c, v in cols.items()}
+
+
+# Index column -> (lowest, highest) value stored (subject_id is an int32 id >= 0).
+_INDEX_RANGE = {
+  "subject_id": (0, 2**31 - 1),
+  "trial_id": (-(2**63), 2**63 - 1),
+  "session_id": (-1, 2**31 - 1),
+  "nsd_id": (-(2**63), 2**63 - 1),
+  "shared1000": (0, 1),
+}
+
+
+def _index_column(path: str, name: str, values: np.ndarray, row0: int) -> np.ndarray:
+  """An index column as int64 (shared1000 as bool): integers (or integral floats, or bools
+  for shared1000) in the stored range, else an InputError naming the file, row and field."""
+  lo, hi = _INDEX_RANGE[name]
+  kinds = "iub" if name == "shared1000" else "iuf"
+  where = f"{path}: row {row0}, field {name!r}"
+  if values.dtype.kind not in kinds:
+    raise InputError(
+      f"{where}: expected {'booleans' if name == 'shared1000' else 'integers'}, found "
+      f"{values.dtype} values like {values[:1].tolist()}"
+    )
+  if values.dtype.kind == "f":
+    bad = ~np.isfinite(values) | (values != np.round(values))
+    bad |= (values < lo) | (values > min(hi, 2.0**53))
+  elif values.dtype.kind == "u":
+    bad = values > np.uint64(hi)
+  else:
+    bad = (values < lo) | (values > hi)
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    raise InputError(
+      f"{path}: row {row0 + i}, field {name!r}: expected an integer in {lo}..{hi}, found "
+      f"{values[i]!r}"
+    )
+  return values.astype(bool if name == "shared1000" else np.int64)
 
 
 def assign_splits(
@@ -182,6 +230,21 @@ def _examples(
       file_row += batch.num_rows
 
 
+def _load_mask(path: str) -> np.ndarray:
+  """A (H, W) .npy mask (never a pickle); an unreadable file is an InputError naming it."""
+  try:
+    mask = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise InputError(
+      f"{path}: field 'mask': expected a (215, 200) bool .npy file, found {e}"
+    ) from e
+  if not isinstance(mask, np.ndarray) or mask.dtype.kind not in "biuf":
+    raise InputError(
+      f"{path}: field 'mask': expected a bool .npy array, found {type(mask).__name__}"
+    )
+  return mask
+
+
 def import_nsd_flat(
   input_path: str,
   out_dir: str,
@@ -196,14 +259,14 @@ def import_nsd_flat(
   print(f"[nsd_flat] indexing {len(files)} file(s) under {input_path}", flush=True)
   index = _index(files, limit)
   if len(index["subject_id"]) == 0:
-    raise ValueError(f"{input_path}: no rows to import")
+    raise InputError(f"{input_path}: expected at least one row to import, found none")
   split_of_row = assign_splits(
     index["subject_id"], index["session_id"], index["shared1000"], test_sessions
   )
   counts = {s: int((split_of_row == s).sum()) for s in records.SPLITS}
   print(f"[nsd_flat] {len(split_of_row)} rows: {counts}", flush=True)
   if mask is not None:
-    mask_arr = np.load(mask) if isinstance(mask, str) else np.asarray(mask)
+    mask_arr = _load_mask(mask) if isinstance(mask, str) else np.asarray(mask)
     if mask_arr.shape != (HEIGHT, WIDTH):
       raise ValueError(
         f"{mask if isinstance(mask, str) else 'mask'}: shape expected {(HEIGHT, WIDTH)}, "
