@@ -250,7 +250,7 @@ def validate_record(
       "use float32 storage or rescale"
     )
   tr = _scalar(ex["tr"], where, "tr", -np.inf, np.inf)
-  if tr <= 0 or not np.isfinite(np.float32(tr)):
+  if not np.isfinite(tr) or tr <= 0 or tr > np.finfo(np.float32).max:
     raise ValueError(f"{where}: field 'tr' expected a positive number of seconds, found {tr}")
   out: dict[str, Any] = {"bold": stored, "tr": np.float32(tr)}
   for key in _STRINGS:
