@@ -26,9 +26,21 @@ class LoadedRun:
   rules: tuple
 
 
-def load_run(workdir: str, step: int | None = None) -> LoadedRun:
-  """Config, data info, task and the restored train state (latest step by default)."""
-  config = checkpoint.load_config(workdir)
+@dataclasses.dataclass
+class RunSpec:
+  """What a config's checkpoint restores into: data info, task, optimizer, sharded state."""
+
+  config: ml_collections.ConfigDict
+  info: Any
+  task: Any
+  tx: Any
+  spec: state_lib.StateSpec
+  mesh: Mesh
+  rules: tuple
+
+
+def run_spec(config: ml_collections.ConfigDict, rng: jax.Array | None = None) -> RunSpec:
+  """The run a config describes, data-parallel over every local device (not initialised)."""
   mesh = sharding.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)))
   rules = sharding.logical_rules(config.sharding.rules)
   data = pipeline_for(config.data)
@@ -46,10 +58,19 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
   tx, _ = optim.make_optimizer(
     config.optim, config.total_steps, state_lib.trainable_mask(task, example)
   )
-  manager = checkpoint.make_manager(workdir, every_steps=1, keep=config.keep_checkpoints)
+  rng = jax.random.key(0) if rng is None else rng
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    spec = state_lib.make_state_spec(task, tx, example, jax.random.key(0), mesh, rules)
-    restored, restored_step = checkpoint.restore(manager, spec.abstract, None, step)
+    spec = state_lib.make_state_spec(task, tx, example, rng, mesh, rules)
+  return RunSpec(config, info, task, tx, spec, mesh, rules)
+
+
+def load_run(workdir: str, step: int | None = None) -> LoadedRun:
+  """Config, data info, task and the restored train state (latest step by default)."""
+  config = checkpoint.load_config(workdir)
+  run = run_spec(config)
+  manager = checkpoint.make_manager(workdir, every_steps=1, keep=config.keep_checkpoints)
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+    restored, restored_step = checkpoint.restore(manager, run.spec.abstract, None, step)
   if restored is None:
     raise FileNotFoundError(f"no checkpoint found under {workdir}/checkpoints")
-  return LoadedRun(config, info, task, restored, restored_step, mesh, rules)
+  return LoadedRun(config, run.info, run.task, restored, restored_step, run.mesh, run.rules)

@@ -129,30 +129,13 @@ def build_state(config: Any, converter: families.Converter, sd, options, source:
   import flax.linen as nn
   import jax
 
-  from boldjax import optim, registry, sharding
   from boldjax import state as state_lib
-  from boldjax.data import pipeline_for
+  from boldjax import workdir as workdir_lib
 
-  mesh = sharding.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)))
-  rules = sharding.logical_rules(config.sharding.rules)
-  data = pipeline_for(config.data)
-  info = data.prepare(config.data)
-  task = registry.get("task", config.task.name)(config, info)
-  local = next(
-    iter(
-      data.make_dataset(
-        config.data, info, split="train", train=True, seed=config.seed,
-        batch_size=jax.device_count() // jax.process_count(),
-      )
-    )
-  )  # fmt: skip
-  example = state_lib.global_example(local)
-  tx, _ = optim.make_optimizer(
-    config.optim, config.total_steps, state_lib.trainable_mask(task, example)
-  )
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    rng = jax.random.key(config.seed)
-    spec = state_lib.make_state_spec(task, tx, example, rng, mesh, rules)
+  rng = jax.random.key(config.seed)
+  run = workdir_lib.run_spec(config, rng)
+  task, info, tx, spec = run.task, run.info, run.tx, run.spec
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
     # The converter sees shapes only: compiling the task's init can take a minute (Semantoks),
     # and it is run only when leaves are left for it (e.g. a head the file lacks).
     fresh_params, fresh_extra = spec.abstract.params, spec.abstract.extra
