@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,26 @@ def torch():
   except ImportError:
     absent("torch is not installed (the test extra installs torch==2.13.0)")
   return torch_module
+
+
+def assert_nan_fails(
+  compare: Callable[[dict, dict], Any],
+  actual: dict,
+  outputs: dict,
+  names: Iterable[str],
+  broken_value: float = np.nan,
+) -> None:
+  """compare(actual, outputs) fails on a NaN in each float output named (fixture side) and
+  on `broken_value` in boldjax's value of it: a broken model never passes parity."""
+  for name in names:
+    kinds = {np.asarray(outputs[name]).dtype.kind, np.asarray(actual[name]).dtype.kind}
+    if "f" not in kinds:
+      continue
+    poisoned = {**outputs, name: np.asarray(outputs[name], np.float64).copy()}
+    poisoned[name].reshape(-1)[-1] = np.nan
+    with pytest.raises(AssertionError, match="non-finite"):
+      compare(actual, poisoned)
+    broken = {**actual, name: np.asarray(actual[name], np.float64).copy()}
+    broken[name].reshape(-1)[0] = broken_value
+    with pytest.raises(AssertionError, match="non-finite"):
+      compare(broken, outputs)

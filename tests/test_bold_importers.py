@@ -15,6 +15,7 @@ from boldjax.data import bold_importers as bi
 from boldjax.data import bold_records
 from boldjax.data.bold_importers import ImportOptions
 from tests.cli_helpers import prepare_refuses
+from tests.run_helpers import read_bold_runs
 
 
 def _opts(tmp_path, name="out", **kw) -> ImportOptions:
@@ -62,14 +63,7 @@ def _wds_refuses(capsys, tmp_path, args, match, allow_pickle=True):
 
 
 def _all_records(path):
-  ds = bold_records.open_bold_dataset(path)
-  out = {}
-  for split, n in ds.splits.items():
-    src = ds.split(split)
-    for i in range(n):
-      rec = src[i]
-      out[rec["run"]] = (split, rec)
-  return ds, out
+  return read_bold_runs(path, with_split=True)
 
 
 def test_webdataset_lfb_round_trip_and_pickle_opt_in(tmp_path, capsys):

@@ -12,22 +12,12 @@ import numpy as np
 import pytest
 
 from boldjax import train, workdir
-from configs import gpt_small
+from tests.run_helpers import gpt_runlocal
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _config(**overrides):
-  config = gpt_small.get_config("runlocal")
-  config.unlock()
-  for k, v in overrides.items():
-    node = config
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  config.lock()
-  return config
+_config = gpt_runlocal
 
 
 def _steps(run_dir):

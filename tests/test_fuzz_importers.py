@@ -39,7 +39,8 @@ from hypothesis import strategies as st
 
 from boldjax import checkpoint, cli, config_utils, prepare
 from boldjax.data import bold_importers as bi
-from boldjax.data import bold_records, records
+from boldjax.data import records
+from tests.run_helpers import read_bold_runs
 
 PROG = prepare.PROG
 NAMES = ("in", "dätä ü", "a b", "x..y", "日本", "sub-07 scan")  # file names (no extension)
@@ -110,15 +111,7 @@ def _fits(x: np.ndarray, dtype: str) -> bool:
     return bool(np.isfinite(x.astype(np.float32)).all() and np.isfinite(x.astype(dtype)).all())
 
 
-def _read_bold(path: str) -> tuple[bold_records.BoldDataset, dict[str, dict]]:
-  ds = bold_records.open_bold_dataset(path)
-  out = {}
-  for split, n in ds.splits.items():
-    src = ds.split(split)
-    for i in range(n):
-      rec = src[i]
-      out[rec["run"]] = rec
-  return ds, out
+_read_bold = read_bold_runs
 
 
 def _truncate(path: Path, data: st.DataObject) -> int:

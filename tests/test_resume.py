@@ -12,7 +12,7 @@ import pytest
 from boldjax import checkpoint, train, workdir
 from boldjax.cli import InputError
 from boldjax.metrics import read_jsonl
-from configs import gpt_small
+from tests.run_helpers import gpt_runlocal
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "--config=configs/gpt_small.py:runlocal"
@@ -39,17 +39,7 @@ def _table(stdout: str) -> dict[str, float]:
   return rows
 
 
-def _config(**overrides):
-  config = gpt_small.get_config("runlocal")
-  config.unlock()
-  for k, v in overrides.items():
-    node = config
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  config.lock()
-  return config
+_config = gpt_runlocal
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from boldjax import cli, prepare
 from boldjax.data import bold_records
 from boldjax.data import semantoks_layout as layout
 from boldjax.evals import features
+from tests.run_helpers import read_bold_runs
 
 PARITY = os.path.join(
   os.environ.get(
@@ -73,15 +74,7 @@ def write_semantoks_h5(
   return {"x": x, "lengths": lengths, "sex": sex, "subjects": subjects}
 
 
-def _records(path: str) -> tuple[bold_records.BoldDataset, dict[str, dict]]:
-  ds = bold_records.open_bold_dataset(path)
-  out = {}
-  for split, n in ds.splits.items():
-    src = ds.split(split)
-    for i in range(n):
-      rec = src[i]
-      out[rec["run"]] = rec
-  return ds, out
+_records = read_bold_runs
 
 
 def prepare_fails(argv: list[str], capsys, out: str) -> str:

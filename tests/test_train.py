@@ -13,22 +13,12 @@ import pytest
 
 from boldjax import checkpoint, train, workdir
 from boldjax.metrics import read_jsonl
-from configs import gpt_small
+from tests.run_helpers import gpt_runlocal
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _config(**overrides):
-  config = gpt_small.get_config("runlocal")
-  config.unlock()
-  for k, v in overrides.items():
-    node = config
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  config.lock()
-  return config
+_config = gpt_runlocal
 
 
 class _Crash(Exception):
