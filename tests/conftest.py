@@ -4,7 +4,9 @@ import os
 import shutil
 import tempfile
 
+import controls
 import jax
+import pytest
 from absl import flags
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -15,6 +17,26 @@ _CACHE = None
 if "BOLDJAX_CACHE" not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix="boldjax-test-cache-")
   os.environ["BOLDJAX_CACHE"] = _CACHE
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+    "--control",
+    choices=controls.CONTROLS,
+    help="negative control: run only the value checks marked for it, expecting them to fail",
+  )
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--control"):
+    controls.mark_items(config.getoption("--control"), items)
+
+
+@pytest.fixture(autouse=True)
+def _negative_control(request, monkeypatch, tmp_path_factory):
+  control = request.config.getoption("--control")
+  if control and request.node.get_closest_marker("value_check"):
+    controls.apply(control, monkeypatch, tmp_path_factory)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -238,6 +238,7 @@ def _check_results(results: dict, rows: list[str], na: dict[tuple[str, str], str
 
 
 @pytest.mark.slow
+@pytest.mark.value_check("shuffled_labels")
 def test_evaluate_cli_on_a_tiny_csm_run(tmp_path, capsys):
   from boldjax import train
 
@@ -267,6 +268,7 @@ def test_evaluate_cli_on_a_tiny_csm_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.value_check("shuffled_labels")
 def test_evaluate_cli_on_a_tiny_patch_gpt_run(tmp_path, capsys):
   from boldjax import train
   from configs import gpt_small

@@ -17,6 +17,7 @@ def test_pretraining_config_trains(name, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.value_check("shuffled_labels", "untrained")
 def test_decode_from_pretrained_csm(tmp_path):
   from configs import csm_gpt, decode
 
