@@ -293,6 +293,9 @@ def format_report(result: dict, top: int = 12) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+  from boldjax import xla_flags
+
+  xla_flags.apply_defaults()  # before the first jax computation, as every entry point
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--family", default="all", choices=(*run.FAMILIES, "all"))
   p.add_argument("--json", action="store_true", help="print one JSON document")

@@ -25,8 +25,11 @@ from benchmarks import run
 
 def grain_batches_per_s(config, num_batches: int = 50) -> float:
   """Batches/s of the train pipeline after its first batch (pipeline start-up excluded)."""
-  _, ds = run.train_dataset(config)
-  it = iter(ds)
+  from boldjax import build
+  from boldjax.data import pipeline_for
+
+  data = pipeline_for(config.data)
+  it = iter(build.train_dataset(data, config, data.prepare(config.data)))
   next(it)
   t0 = time.perf_counter()
   for _ in range(num_batches):
@@ -65,6 +68,9 @@ def resample_maps_per_s(space: str, height: int, per_call: int, seconds: float =
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+  from boldjax import xla_flags
+
+  xla_flags.apply_defaults()  # before the first jax computation, as every entry point
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--json", action="store_true")
   p.add_argument("--batches", type=int, default=50)

@@ -115,53 +115,16 @@ def load_config(family: str, arg: str | None = None):
   return config
 
 
-def train_dataset(config):
-  """(data info, the config's one-process train dataset), as train.py builds them."""
-  from boldjax.data import pipeline_for
-
-  data = pipeline_for(config.data)
-  info = data.prepare(config.data)
-  dataset = data.make_dataset(
-    config.data,
-    info,
-    split="train",
-    train=True,
-    seed=config.seed,
-    batch_size=config.data.batch_size,
-  )
-  return info, dataset
-
-
 def build_jax(config) -> JaxSide:
-  """Mesh, data, task, optimizer, sharded state and the jitted donated step of train.py."""
-  from boldjax import optim, registry, sharding
-  from boldjax import state as state_lib
-  from boldjax.train import make_train_step
+  """train.py's run (boldjax.build.build_run), initialised, and its first train batch."""
+  from boldjax import build, sharding
 
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config.sharding.rules)
-  batch_sh = sharding.batch_sharding(mesh)
-  info, dataset = train_dataset(config)
-  host_batch = next(iter(dataset))
-  example = state_lib.global_example(host_batch)
-  task = registry.get("task", config.task.name)(config, info)
-  tx, schedule = optim.make_optimizer(
-    config.optim, config.total_steps, state_lib.trainable_mask(task, example)
-  )
-  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    spec = state_lib.make_state_spec(task, tx, example, init_rng, mesh, rules)
-
-    train_step = make_train_step(task, tx, schedule, step_rng, config.optim.accum_steps)
-    step = jax.jit(
-      train_step,
-      in_shardings=(spec.shardings, batch_sh),
-      out_shardings=(spec.shardings, None),
-      donate_argnums=0,
-    )
-    state = spec.init(init_rng)
-    batch = sharding.to_global(host_batch, batch_sh)
-  return JaxSide(config, info, task, state, step, batch, host_batch, step_rng)
+  run = build.build_run(config)
+  host_batch = next(iter(run.train_dataset()))
+  with run.context():
+    state = run.spec.init(run.init_rng)
+    batch = sharding.to_global(host_batch, run.batch_sharding)
+  return JaxSide(config, run.info, run.task, state, run.train_step, batch, host_batch, run.step_rng)
 
 
 # ---------------------------------------------------------------------------------------
@@ -530,6 +493,9 @@ def peak_rss_mb() -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
+  from boldjax import xla_flags
+
+  xla_flags.apply_defaults()  # before the first jax computation, as every entry point
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--family", default="all", choices=(*FAMILIES, "all"))
   p.add_argument("--json", action="store_true", help="print one JSON document")

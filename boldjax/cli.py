@@ -22,6 +22,8 @@ from typing import Any, NoReturn
 from absl import app, flags
 from absl import logging as absl_logging
 
+from boldjax import xla_flags
+
 EXIT_BAD_INPUT = 2
 VERBOSE_FLAG = "--verbose"
 VERBOSE_ENV = "BOLDJAX_VERBOSE"
@@ -132,12 +134,14 @@ def run_absl(prog: str, main: Callable[[list[str]], Any]) -> None:
       absl_logging.set_verbosity(absl_logging.WARNING)
     return main(argv)
 
+  xla_flags.apply_defaults()
   app.run(guarded(prog, quiet_main), flags_parser=parse)
 
 
 def run_argparse(prog: str, main: Callable[[list[str]], Any], argv: Sequence[str]) -> Any:
   """main(argv) for argparse commands; `--verbose` is taken out before parsing."""
   rest = [a for a in argv if a != VERBOSE_FLAG]
+  xla_flags.apply_defaults()
   return guarded(prog, main)(rest)
 
 

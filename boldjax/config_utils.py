@@ -74,8 +74,3 @@ def _coerce_value(key: str, raw: str, default: Any) -> Any:
   if isinstance(default, str) or default is None:
     return raw
   return ast.literal_eval(raw)
-
-
-def to_dict(config: ml_collections.ConfigDict) -> dict:
-  """Plain nested dict (JSON-friendly) of a config, for logs and the workdir copy."""
-  return config.to_dict()

@@ -13,8 +13,8 @@ Contract with the task families (any registered Task works through it):
 - features(params, batch) -> dict, called jitted on batches of the run's own input format
   (parcellated: bold (B, T, R), t_sec, mask, length, subject_id as decode-mode batches;
   flat maps: patches, tokens, order (identity), subject_id), sharded over the mesh's data
-  axes. If the task defines feature_params(params, extra) (e.g. an EMA teacher kept in
-  extra), its result is what features() receives.
+  axes. What features() receives is task.feature_params(params, extra) (the params, or e.g.
+  an EMA teacher kept in extra).
 - Vector features: every (B, F) value, plus 'cls' when it is (B, K, F): K crops of the
   example, each a separate training sample, whose logits are averaged at test (the
   Semantoks protocol). --features=a,b picks keys explicitly ((B, F) or (B, K, F)).

@@ -95,3 +95,28 @@ def global_example(local_batch, process_count: int | None = None):
     return jax.ShapeDtypeStruct((x.shape[0] * n, *x.shape[1:]), x.dtype)
 
   return jax.tree.map(f, local_batch)
+
+
+def make_train_step(task, tx: optax.GradientTransformation, schedule, step_rng, accum_steps: int):
+  """The pure (state, batch) -> (state, metrics) update every run (and benchmark) jits."""
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(step_rng, state.step)
+
+    def loss_fn(params):
+      return task.loss(params, state.extra, batch, rng, train=True)
+
+    (loss, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    extra = task.update_extra(params, state.extra, step)
+    out = {
+      **step_metrics,
+      "loss": loss,
+      "grad_norm": optax.global_norm(grads),
+      "lr": schedule(state.step // accum_steps),
+    }
+    return TrainState(step=step, params=params, opt_state=opt_state, extra=extra), out
+
+  return train_step

@@ -5,21 +5,15 @@ the config through registries.
 from __future__ import annotations
 
 import logging
-import math
 import time
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import optax
 
-from boldjax import checkpoint, optim, registry, sharding
+from boldjax import build, checkpoint, registry, sharding
 from boldjax import metrics as metrics_lib
-from boldjax import state as state_lib
 from boldjax.cli import InputError
-from boldjax.data import pipeline_for
-from boldjax.state import TrainState
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -29,80 +23,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   check_resumable(workdir, config, say)
 
   # ---------------------------------------------------------------------------------------
-  # Mesh and data.
+  # Mesh, data, task, optimizer, sharded state and the jitted step.
   # ---------------------------------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config.sharding.rules)
-  batch_sh = sharding.batch_sharding(mesh)
-  data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  global_bs = config.data.batch_size
-  if global_bs % data_ways or global_bs % jax.process_count():
-    raise InputError(
-      f"config.data.batch_size: expected a multiple of the data-parallel devices "
-      f"({data_ways}) and of the process count ({jax.process_count()}), found {global_bs}"
-    )
+  built = build.build_run(config)
+  mesh, info, task, spec = built.mesh, built.info, built.task, built.spec
   say(
     f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "
     f"{jax.process_count()} process(es)"
   )
+  say(f"task {config.task.name}: {built.num_params:,} parameters")
+  train_iter = iter(built.train_dataset())
 
-  data = pipeline_for(config.data)
-  info = data.prepare(config.data)
-
-  def train_dataset():
-    return data.make_dataset(
-      config.data,
-      info,
-      split="train",
-      train=True,
-      seed=config.seed,
-      batch_size=global_bs // jax.process_count(),
-      shard_index=jax.process_index(),
-      shard_count=jax.process_count(),
-    )
-
-  train_iter = iter(train_dataset())
-  example = state_lib.global_example(next(iter(train_dataset())))
-
-  # ---------------------------------------------------------------------------------------
-  # Task, optimizer and sharded state.
-  # ---------------------------------------------------------------------------------------
-  task = registry.get("task", config.task.name)(config, info)
-  tx, schedule = optim.make_optimizer(
-    config.optim, config.total_steps, state_lib.trainable_mask(task, example)
-  )
-  root_rng = jax.random.key(config.seed)
-  init_rng, step_rng = jax.random.split(root_rng)
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    spec = state_lib.make_state_spec(task, tx, example, init_rng, mesh, rules)
-    state_sh, abstract_state = spec.shardings, spec.abstract
-    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
-    say(f"task {config.task.name}: {num_params:,} parameters")
-
-    train_step = make_train_step(task, tx, schedule, step_rng, config.optim.accum_steps)
-    train_step = jax.jit(
-      train_step,
-      in_shardings=(state_sh, batch_sh),
-      out_shardings=(state_sh, None),
-      donate_argnums=0,
-    )
-
+  with built.context():
     # -------------------------------------------------------------------------------------
     # Restore or initialise.
     # -------------------------------------------------------------------------------------
     manager = checkpoint.make_manager(
       workdir, every_steps=config.checkpoint_every, keep=config.keep_checkpoints
     )
-    state, start = checkpoint.restore(manager, abstract_state, train_iter)
+    state, start = checkpoint.restore(manager, spec.abstract, train_iter)
     if state is None:
-      state = spec.init(init_rng)
+      state = spec.init(built.init_rng)
       params = task.load_pretrained(state.params)
       extra = task.load_pretrained_extra(params, state.extra)
       if params is not state.params or extra is not state.extra:
         state = state.replace(
-          params=jax.device_put(params, state_sh.params),
-          extra=jax.device_put(extra, state_sh.extra),
+          params=jax.device_put(params, spec.shardings.params),
+          extra=jax.device_put(extra, spec.shardings.extra),
         )
       start = 0
       init_from = config.task.get("init_from", "")
@@ -113,7 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     evaluators = [
       registry.get("evaluator", ev.type)(
-        name, ev, task=task, info=info, config=config, mesh=mesh, rules=rules
+        name, ev, task=task, info=info, config=config, mesh=mesh, rules=built.rules
       )
       for name, ev in config.evals.items()
     ]
@@ -137,8 +84,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     preempted = False
     stop = checkpoint.StopSignal()  # SIGTERM (preemption): checkpoint now, exit cleanly
     for step in range(start + 1, total + 1):
-      batch = sharding.to_global(next(train_iter), batch_sh)
-      state, step_metrics = train_step(state, batch)
+      batch = sharding.to_global(next(train_iter), built.batch_sharding)
+      state, step_metrics = built.train_step(state, batch)
       accumulator.add(step_metrics)
 
       if step % config.log_every == 0 or step == total:
@@ -242,31 +189,6 @@ def print_summary(say, final: dict[str, float]) -> None:
   for k, v in final.items():
     label = f"baseline {k.removeprefix('baseline/')}" if k.startswith("baseline/") else k
     say(f"  {label:<28s} {v:.4f}")
-
-
-def make_train_step(task, tx: optax.GradientTransformation, schedule, step_rng, accum_steps: int):
-  """The pure (state, batch) -> (state, metrics) update every run (and benchmark) jits."""
-
-  def train_step(state: TrainState, batch):
-    rng = jax.random.fold_in(step_rng, state.step)
-
-    def loss_fn(params):
-      return task.loss(params, state.extra, batch, rng, train=True)
-
-    (loss, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    step = state.step + 1
-    extra = task.update_extra(params, state.extra, step)
-    out = {
-      **step_metrics,
-      "loss": loss,
-      "grad_norm": optax.global_norm(grads),
-      "lr": schedule(state.step // accum_steps),
-    }
-    return TrainState(step=step, params=params, opt_state=opt_state, extra=extra), out
-
-  return train_step
 
 
 def _check_finite(step: int, scalars: dict[str, float]) -> None:

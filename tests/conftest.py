@@ -9,6 +9,9 @@ import jax
 import pytest
 from absl import flags
 
+from boldjax import xla_flags
+
+xla_flags.apply_defaults()  # as the entry points do: the tests run the same XLA
 jax.config.update("jax_num_cpu_devices", 8)
 flags.FLAGS.mark_as_parsed()
 

@@ -618,8 +618,7 @@ def test_torch_dino_steps_equal_boldjax_steps():
   clipping, then the EMA teacher update) give the same student and teacher on both sides."""
   torch = parity.torch()
   from benchmarks import run, torch_semantoks
-  from boldjax.state import TrainState
-  from boldjax.train import make_train_step
+  from boldjax.state import TrainState, make_train_step
 
   task = _dino_task(total_steps=10, lr=1e-2)
   batch, params, extra = _dino_state(task, seed=3)

@@ -169,12 +169,37 @@ def test_dropout_masks_are_seeded_scaled_and_at_rate():
 
 
 def test_default_xla_flags_respect_the_users():
-  import boldjax
+  from boldjax import xla_flags
 
-  flag = boldjax.DEFAULT_XLA_FLAGS[0]
+  flag = xla_flags.DEFAULT_XLA_FLAGS[0]
   name = flag.split("=")[0]
-  assert boldjax._with_default_xla_flags("") == flag
+  assert xla_flags.with_defaults("") == flag
   user = "--xla_force_host_platform_device_count=8"
-  assert boldjax._with_default_xla_flags(user) == f"{user} {flag}"
+  assert xla_flags.with_defaults(user) == f"{user} {flag}"
   mine = f"{name}=individual_dot"
-  assert boldjax._with_default_xla_flags(f"{user} {mine}") == f"{user} {mine}"
+  assert xla_flags.with_defaults(f"{user} {mine}") == f"{user} {mine}"
+
+
+def test_importing_boldjax_leaves_xla_flags_alone_and_entry_points_set_them(tmp_path):
+  import subprocess
+  import sys
+
+  from boldjax import xla_flags
+
+  code = "import os, boldjax.main, boldjax.convert.cli, benchmarks.run; "
+  code += "print(os.environ.get('XLA_FLAGS'))"
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "BOLDJAX_XLA_DEFAULTS")}
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+  )
+  assert out.stdout.strip() == "None"
+  # An entry point sets them before jax starts; a started backend is left alone.
+  code = (
+    "import os, jax; from boldjax import xla_flags; a = xla_flags.apply_defaults(); "
+    "f = os.environ['XLA_FLAGS']; jax.devices(); os.environ['XLA_FLAGS'] = ''; "
+    "b = xla_flags.apply_defaults(); print(a, b, f, os.environ['XLA_FLAGS'] or '-')"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+  )
+  assert out.stdout.split() == ["True", "False", xla_flags.DEFAULT_XLA_FLAGS[0], "-"]

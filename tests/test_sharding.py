@@ -5,14 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from boldjax import optim, registry, sharding, train, workdir
-from boldjax import state as state_lib
-from boldjax.data import pipeline_for
+from boldjax import build, sharding, train, workdir
 from configs import gpt_small
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,20 +89,9 @@ def test_fsdp_holds_an_eighth_of_the_state_per_device():
   per_device = {}
   for name in ("dp", "fsdp"):
     config = _config(STRATEGIES[name])
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_rules(config.sharding.rules)
-    data = pipeline_for(config.data)
-    info = data.prepare(config.data)
-    task = registry.get("task", config.task.name)(config, info)
-    example = state_lib.global_example(
-      next(
-        iter(data.make_dataset(config.data, info, split="train", train=True, seed=0, batch_size=8))
-      )
-    )
-    tx, _ = optim.make_optimizer(config.optim, config.total_steps)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      spec = state_lib.make_state_spec(task, tx, example, jax.random.key(0), mesh, rules)
-      state = spec.init(jax.random.key(0))
+    run = build.build_run(config)
+    with run.context():
+      state = run.spec.init(run.init_rng)
     tree = (state.params, state.opt_state)
     per_device[name] = sharding.bytes_per_device(tree)
     total = sum(x.nbytes for x in jax.tree.leaves(tree))

@@ -126,16 +126,14 @@ def _cast_like(tree: Any, like: Any) -> Any:
 
 def build_state(config: Any, converter: families.Converter, sd, options, source: str):
   """(TrainState with the converted weights, Converted) for the config's task."""
-  import flax.linen as nn
   import jax
 
+  from boldjax import build
   from boldjax import state as state_lib
-  from boldjax import workdir as workdir_lib
 
-  rng = jax.random.key(config.seed)
-  run = workdir_lib.run_spec(config, rng)
-  task, info, tx, spec = run.task, run.info, run.tx, run.spec
-  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+  run = build.build_run(config, mesh_axes=build.DATA_PARALLEL)
+  rng, task, info, tx, spec = run.init_rng, run.task, run.info, run.tx, run.spec
+  with run.context():
     # The converter sees shapes only: compiling the task's init can take a minute (Semantoks),
     # and it is run only when leaves are left for it (e.g. a head the file lacks).
     fresh_params, fresh_extra = spec.abstract.params, spec.abstract.extra

@@ -71,18 +71,13 @@ def random_init_params(run: Any, seed: int) -> Any:
   run.mesh as the train loop shards them); never grafted from a pretrained run."""
   import flax.linen as nn
 
+  from boldjax import build
   from boldjax import state as state_lib
   from boldjax.data import pipeline_for
 
   config = run.config
-  local = next(
-    iter(
-      pipeline_for(config.data).make_dataset(
-        config.data, run.info, split="train", train=True, seed=config.seed,
-        batch_size=jax.device_count() // jax.process_count(),
-      )
-    )
-  )  # fmt: skip
+  per_device = jax.device_count() // jax.process_count()
+  local = next(iter(build.train_dataset(pipeline_for(config.data), config, run.info, per_device)))
   example = state_lib.global_example(local)
   key = jax.random.key(seed)
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):

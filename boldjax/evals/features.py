@@ -449,13 +449,6 @@ def load_examples(
 # -----------------------------------------------------------------------------------------
 
 
-def feature_params(task: Any, params: Any, extra: Any) -> Any:
-  """The params features() takes: task.feature_params(params, extra) when the task defines
-  it (e.g. an EMA teacher in extra), else the trained params."""
-  fn = getattr(task, "feature_params", None)
-  return params if fn is None else fn(params, extra)
-
-
 def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   """The same full batch on every process -> global arrays split over the data axes."""
   return {

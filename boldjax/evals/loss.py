@@ -61,8 +61,6 @@ class LossEvaluator:
     if total == 0:
       raise ValueError(f"evaluator {self.name!r}: split {self.split!r} yielded no examples")
     means = {k: sums[k] / total for k in sorted(sums)}
-    finalize = getattr(self._task, "finalize_metrics", None)
-    if finalize is not None:  # split-level metrics that are not means (balanced accuracy)
-      means = finalize(means)
+    means = self._task.finalize_metrics(means)  # split-level metrics that are not means
     for k in sorted(means):
       yield f"{self.name}/{k}", means[k]

@@ -97,7 +97,7 @@ def evaluate_run(
       seed=settings.seed,
     )  # fmt: skip
   if params is None:
-    params = features.feature_params(run.task, run.state.params, run.state.extra)
+    params = run.task.feature_params(run.state.params, run.state.extra)
   want_tokens = "attentive" in settings.protocols
   extract = dict(
     mesh=run.mesh, rules=run.rules, batch_size=settings.batch_size,
@@ -106,7 +106,7 @@ def evaluate_run(
   rows = model_rows("", features.extract_features(run.task, params, examples, **extract))
   if "random_init" in settings.baselines:
     fresh, extra = baselines.random_init_params(run, settings.seed + 1000)
-    fresh = features.feature_params(run.task, fresh, extra)
+    fresh = run.task.feature_params(fresh, extra)
     feats = features.extract_features(run.task, fresh, examples, label="random init", **extract)
     rows += model_rows("random_init/", feats)
   if "fc" in settings.baselines:

@@ -21,7 +21,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from boldjax import registry
 from boldjax.models import layers
 from boldjax.models.bert import Bert
 from boldjax.models.gpt2 import GPT2
@@ -122,7 +121,6 @@ class Unembedder(nn.Module):
     return layers.dense(self.out_dim, ("embed", "patch"), name=last, **kw)(h)
 
 
-@registry.register("model", "lfb")
 class LfbModel(nn.Module):
   """One learning-from-brains model; `style` picks the objective and backbone."""
 

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from boldjax import registry
 from boldjax.models import layers
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -38,7 +37,6 @@ def size_kwargs(size: str) -> dict[str, Any]:
   return dict(SIZES[size], depth=12, mlp_ratio=4.0)
 
 
-@registry.register("model", "patch_gpt")
 class PatchGPT(nn.Module):
   """boldGPT IGPT decoder; categorical head (vocab logits) or continuous head (patch)."""
 

@@ -54,6 +54,12 @@ class Task(abc.ABC):
   def features(self, params: PyTree, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Representations for probes and maps ('cls', 'tokens', ...) from feature_params(...)."""
 
+  def finalize_metrics(self, metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """A split's metrics from their example-weighted means (keys may carry `prefix`): the
+    place for metrics that are not means (balanced accuracy); default: unchanged."""
+    del prefix
+    return metrics
+
   def reference_metrics(self) -> dict[str, float]:
     """Baselines printed next to eval metrics (e.g. a unigram loss); default none."""
     return {}
