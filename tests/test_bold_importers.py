@@ -11,9 +11,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from boldjax.data import bold_importers as bi
-from boldjax.data import bold_records
-from boldjax.data.bold_importers import ImportOptions
+from boldjax.data import bold_records, importers
+from boldjax.data.importers.common import ImportOptions
 from tests.cli_helpers import prepare_refuses
 from tests.run_helpers import read_bold_runs
 
@@ -71,7 +70,7 @@ def test_webdataset_lfb_round_trip_and_pickle_opt_in(tmp_path, capsys):
   tar = _lfb_tar(tmp_path / "lfb.tar", runs)
   _wds_refuses(capsys, tmp_path, [tar], r"lfb\.tar.*'bold\.pyd' is a Python pickle.*--allow-pickle",
                allow_pickle=False)  # fmt: skip
-  out = bi.import_webdataset([tar], _opts(tmp_path), allow_pickle=True)
+  out = importers.webdataset.import_webdataset([tar], _opts(tmp_path), allow_pickle=True)
   ds, recs = _all_records(out)
   assert ds.meta["num_parcels"] == 6 and len(recs) == 8
   for key, bold, _tr, label in runs:
@@ -114,7 +113,7 @@ def test_webdataset_cortexmae_round_trip(tmp_path):
       _add(tar, f"{key}.mean.npy", _npy(mean))
       _add(tar, f"{key}.std.npy", _npy(std))
       expect[key] = (bold, mean.ravel(), std.ravel())
-  out = bi.import_webdataset([str(path)], _opts(tmp_path, dtype="float16"))
+  out = importers.webdataset.import_webdataset([str(path)], _opts(tmp_path, dtype="float16"))
   ds, recs = _all_records(out)
   assert ds.meta["bold_is_zscored"] is True and ds.meta["class_names"] == ["body", "faces"]
   for key, (bold, mean, std) in expect.items():
@@ -140,7 +139,9 @@ def test_missing_key(tmp_path, capsys):
   runs = [(k, b, None, lab) for k, b, _, lab in _lfb_runs()]
   tar = _lfb_tar(tmp_path / "notr.tar", runs)
   _wds_refuses(capsys, tmp_path, [tar], r"notr\.tar: sample .*missing field 't_r\.pyd'")
-  out = bi.import_webdataset([tar], _opts(tmp_path, "withtr"), allow_pickle=True, tr=0.8)
+  out = importers.webdataset.import_webdataset(
+    [tar], _opts(tmp_path, "withtr"), allow_pickle=True, tr=0.8
+  )
   assert bold_records.open_bold_dataset(out).meta["trs"] == [0.8]
   _wds_refuses(capsys, tmp_path, [tar, "--tr=1.0", "--label-key=age"],
                r"notr\.tar: sample .*missing field 'age'")  # fmt: skip
@@ -193,7 +194,7 @@ def _write_h5(path, n=6, r=5, t=30, tr=0.8, n_subjects=None, labels=None):
 def test_hdf5_round_trip(tmp_path):
   path = tmp_path / "bs.h5"
   x, lengths = _write_h5(path)
-  out = bi.import_hdf5(str(path), _opts(tmp_path))
+  out = importers.hdf5.import_hdf5(str(path), _opts(tmp_path))
   ds, recs = _all_records(out)
   assert ds.meta["atlas"] == "schaefer100" and ds.meta["class_names"] == ["rest", "task"]
   assert len(recs) == 6 and ds.meta["trs"] == [0.8]
@@ -243,7 +244,7 @@ def test_hdf5_several_atlases_without_schaefer400_need_atlas(tmp_path, capsys):
   line = _prepare_fails(["hdf5", str(path), f"--out={out}"], capsys, out)
   assert f"{path}: field 'timeseries' expected timeseries/schaefer400" in line
   assert "pass --atlas NAME" in line
-  got = bi.import_hdf5(str(path), _opts(tmp_path), atlas="aal", tr=1.0)
+  got = importers.hdf5.import_hdf5(str(path), _opts(tmp_path), atlas="aal", tr=1.0)
   assert bold_records.open_bold_dataset(got).meta["num_parcels"] == 3
 
 
@@ -254,7 +255,7 @@ def test_hdf5_without_tr_defaults_to_2s(tmp_path, capsys):
   _write_h5(path)
   with h5py.File(path, "r+") as f:
     del f["timeseries/schaefer100"].attrs["tr"]
-  out = bi.import_hdf5(str(path), _opts(tmp_path))
+  out = importers.hdf5.import_hdf5(str(path), _opts(tmp_path))
   assert "carries no TR" in capsys.readouterr().out
   assert bold_records.open_bold_dataset(out).meta["trs"] == [2.0]
 
@@ -278,7 +279,7 @@ def test_nifti_on_nitime_epi(tmp_path):
   atlas[tuple(coords.T)] = km.labels_ + 1
   atlas_path = tmp_path / "atlas.nii.gz"
   nib.save(nib.Nifti1Image(atlas, epi.affine), atlas_path)
-  out = bi.import_nifti(
+  out = importers.nifti.import_nifti(
     [_nitime_epi()], str(atlas_path), _opts(tmp_path, val_fraction=0, test_fraction=0)
   )
   ds, recs = _all_records(out)
@@ -293,7 +294,7 @@ def test_nifti_on_nitime_epi(tmp_path):
   aff[:3, :3] /= 2
   aff[:3, 3] -= epi.affine[:3, :3] @ np.full(3, 0.25)
   nib.save(nib.Nifti1Image(fine, aff), tmp_path / "fine.nii.gz")
-  out2 = bi.import_nifti(
+  out2 = importers.nifti.import_nifti(
     [_nitime_epi()],
     str(tmp_path / "fine.nii.gz"),
     _opts(tmp_path, "o2", val_fraction=0, test_fraction=0),
@@ -318,7 +319,7 @@ def test_cifti_mmp_cortex_round_trip(tmp_path):
     p = tmp_path / f"sub-{s}_rest.dtseries.nii"
     nib.save(nib.Cifti2Image(data + s, (series, bm)), p)
     paths.append(str(p))
-  out = bi.import_cifti(paths, _opts(tmp_path))
+  out = importers.cifti.import_cifti(paths, _opts(tmp_path))
   ds, recs = _all_records(out)
   assert ds.meta["num_parcels"] == 360 and ds.meta["network_names"][0] == "Visual"
   mmp = np.asarray(hcp.mmp.map_all)[: len(bm)]
@@ -342,7 +343,7 @@ def test_cifti_custom_dlabel(tmp_path, capsys):
   data = np.random.default_rng(4).standard_normal((11, 50)).astype(np.float32)
   series = nib.cifti2.SeriesAxis(0, 2.0, 11)
   nib.save(nib.Cifti2Image(data, (series, bm)), tmp_path / "x.dtseries.nii")
-  out = bi.import_cifti(
+  out = importers.cifti.import_cifti(
     [str(tmp_path / "x.dtseries.nii")],
     _opts(tmp_path, val_fraction=0, test_fraction=0),
     parcellation=str(tmp_path / "p.dlabel.nii"),

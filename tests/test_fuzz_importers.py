@@ -38,8 +38,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from boldjax import checkpoint, cli, config_utils, prepare
-from boldjax.data import bold_importers as bi
-from boldjax.data import records
+from boldjax.data import importers, records
 from tests.run_helpers import read_bold_runs
 
 PROG = prepare.PROG
@@ -264,7 +263,9 @@ def test_fuzz_webdataset_lfb(data):
       rec = recs[key]
       assert_stored(rec["bold"], x, dtype, key)
       assert rec["tr"] == tr and rec["label"] == label
-      assert rec["subject"] == bi.subject_of(key, bi.subject_of(str(tar_path), name[:-4]))
+      assert rec["subject"] == importers.common.subject_of(
+        key, importers.common.subject_of(str(tar_path), name[:-4])
+      )
 
 
 # ------------------------------------------------------------------------------------------
@@ -645,7 +646,7 @@ def test_fuzz_nifti(data):
     ds, recs = _read_bold(got)
     assert ds.meta["num_parcels"] == k and len(recs) == n_runs
     for j, (p, x) in enumerate(zip(paths, runs, strict=True)):
-      rec = recs[bi._stem(str(p))]
+      rec = recs[importers.common.file_stem(str(p))]
       want = _parcel_means(x.reshape(-1, x.shape[-1]).T, atlas.reshape(-1))
       assert _fits(want, dtype), "overflowing values were stored"
       assert_stored(rec["bold"], want, dtype, str(p))
@@ -756,7 +757,7 @@ def test_fuzz_nsd_flat(data):
   import pyarrow as pa
   import pyarrow.parquet as pq
 
-  from boldjax.data import nsd_flat
+  from boldjax.data.importers import nsd_flat
 
   mutation = _mutation(data, NSD_MUTATIONS, ("none", "names", "float_ids"))
   n = data.draw(st.integers(1, 4), label="rows")

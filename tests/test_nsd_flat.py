@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from boldjax import prepare
-from boldjax.data import nsd_flat, records, transforms
+from boldjax.data import records, transforms
+from boldjax.data.importers import nsd_flat
 from tests.cli_helpers import prepare_refuses
 
 H, W = nsd_flat.HEIGHT, nsd_flat.WIDTH
@@ -218,3 +219,16 @@ def test_assign_splits_boldgpt_convention():
     "val", "train", "val", "test", "test", "test",  # subject 0: sessions 3-5 are test
     "val", "val", "test", "test", "test",  # subject 1: sessions 7-9 are test
   ]  # fmt: skip
+
+
+def test_earlier_flag_spelling_is_accepted_with_a_note(capsys):
+  from boldjax import prepare
+
+  parser = prepare.build_parser()
+  args = ["nsd_flat", "in.parquet", "--out=out"]
+  assert parser.parse_args(args).test_sessions == nsd_flat.TEST_SESSIONS
+  assert parser.parse_args([*args, "--test-sessions=2"]).test_sessions == 2
+  assert capsys.readouterr().err == ""
+  assert parser.parse_args([*args, "--test_sessions=5"]).test_sessions == 5
+  err = capsys.readouterr().err
+  assert "--test_sessions is deprecated" in err and "use --test-sessions" in err

@@ -10,10 +10,8 @@ from typing import Any
 
 # Modules that register importers and pipelines; heavy imports inside them stay lazy.
 from boldjax.data import (  # noqa: F401
-  bold_importers,
   bold_pipeline,
-  flat_builder,
-  nsd_flat,
+  importers,
   pipeline,
 )
 

@@ -14,8 +14,6 @@ so subject embeddings are trained for all subjects the eval sees.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import collections
 import contextlib
 import dataclasses
@@ -31,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from boldjax import registry
 from boldjax.data import records
 
 EVAL_FRACTION = 0.1  # of each subject's trials, for val and again for test
@@ -177,45 +174,3 @@ def ensure_synthetic_flat(
       shutil.rmtree(stale, ignore_errors=True)
     build_synthetic_flat(out_dir, spec, generate=generate, overwrite=True)
   return out_dir
-
-
-def _parse_value(text: str) -> Any:
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
-@registry.register("importer", "synthetic_flat")
-class SyntheticFlatImporter:
-  """`python -m boldjax.prepare synthetic_flat --out=DIR [--set field=value ...]`."""
-
-  help = "synthetic flat maps on real cortical geometry -> flat-map ArrayRecord dataset"
-
-  @staticmethod
-  def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output dataset directory")
-    parser.add_argument(
-      "--set",
-      action="append",
-      default=[],
-      metavar="FIELD=VALUE",
-      help="SyntheticFlatSpec field (repeatable), e.g. --set num_subjects=4",
-    )
-    parser.add_argument("--overwrite", action="store_true")
-
-  @staticmethod
-  def run(args: argparse.Namespace) -> str:
-    from boldjax.data.synthetic_flat import SyntheticFlatSpec
-
-    fields = {}
-    for item in args.set:
-      if "=" not in item:
-        raise ValueError(f"--set: expected FIELD=VALUE, found {item!r}")
-      key, value = item.split("=", 1)
-      fields[key.strip()] = _parse_value(value.strip())
-    known = {f.name for f in dataclasses.fields(SyntheticFlatSpec)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-      raise ValueError(f"--set: unknown SyntheticFlatSpec fields {unknown}; known {sorted(known)}")
-    return build_synthetic_flat(args.out, SyntheticFlatSpec(**fields), overwrite=args.overwrite)

@@ -29,6 +29,7 @@ import numpy as np
 from boldjax import registry
 from boldjax.cli import InputError
 from boldjax.data import records
+from boldjax.data.importers.common import add_flag
 
 HEIGHT, WIDTH = 215, 200
 BACKGROUND = 127
@@ -307,7 +308,7 @@ class NsdFlatImporter:
     parser.add_argument("--out", required=True, help="output dataset directory")
     parser.add_argument("--mask", default=None, help="(215, 200) bool .npy mask")
     parser.add_argument("--limit", type=int, default=None, help="import the first N rows")
-    parser.add_argument("--test_sessions", type=int, default=TEST_SESSIONS)
+    add_flag(parser, "--test-sessions", "--test_sessions", type=int, default=TEST_SESSIONS)
     parser.add_argument("--overwrite", action="store_true")
 
   @staticmethod
