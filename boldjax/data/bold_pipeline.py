@@ -37,6 +37,7 @@ import numpy as np
 
 from boldjax import registry
 from boldjax.data import bold_records, paths, views
+from boldjax.data.paths import setting
 from boldjax.data.pipeline import eval_shard_indices, to_iter_dataset
 from boldjax.data.transforms import IndexedSource
 
@@ -98,16 +99,11 @@ class BoldInfo:
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-  value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-  return default if value is None else value
-
-
 def synthetic_spec(data_cfg: Any):
   """The SyntheticBoldSpec described by data_cfg.synthetic."""
   from boldjax.data.synthetic_bold import SyntheticBoldSpec
 
-  synthetic = _get(data_cfg, "synthetic", {})
+  synthetic = setting(data_cfg, "synthetic", {})
   fields = synthetic.to_dict() if hasattr(synthetic, "to_dict") else dict(synthetic)
   known = {f.name for f in dataclasses.fields(SyntheticBoldSpec)}
   unknown = sorted(set(fields) - known)
@@ -121,9 +117,9 @@ def synthetic_spec(data_cfg: Any):
 
 def dataset_path(data_cfg: Any) -> str:
   """data_cfg.path, or the synthetic dataset built once under cache_dir."""
-  source = _get(data_cfg, "source", "synthetic_parcellated")
-  path = _get(data_cfg, "path")
-  cache = _get(data_cfg, "cache_dir", os.environ.get("BOLDJAX_CACHE", "~/.cache/boldjax"))
+  source = setting(data_cfg, "source", "synthetic_parcellated")
+  path = setting(data_cfg, "path")
+  cache = paths.cache_dir(data_cfg)
   if path:
     return paths.readable_dataset(path, cache)
   if source == "synthetic_parcellated":
@@ -137,10 +133,10 @@ def dataset_path(data_cfg: Any) -> str:
 
 
 def _check_cfg(data_cfg: Any) -> tuple[int, int, str, str]:
-  seq_min, seq_max = int(_get(data_cfg, "seq_min", 10)), int(_get(data_cfg, "seq_max", 49))
+  seq_min, seq_max = int(setting(data_cfg, "seq_min", 10)), int(setting(data_cfg, "seq_max", 49))
   if not 1 <= seq_min <= seq_max:
     raise ValueError(f"data config: need 1 <= seq_min <= seq_max, found {seq_min}, {seq_max}")
-  zscore, mode = _get(data_cfg, "zscore", "run"), _get(data_cfg, "mode", "pretrain")
+  zscore, mode = setting(data_cfg, "zscore", "run"), setting(data_cfg, "mode", "pretrain")
   if zscore not in ZSCORE_MODES:
     raise ValueError(
       f"data config: field 'zscore' expected one of {ZSCORE_MODES}, found {zscore!r}"
@@ -152,13 +148,13 @@ def _check_cfg(data_cfg: Any) -> tuple[int, int, str, str]:
 
 def views_cfg(data_cfg: Any) -> tuple[int, int, float | None]:
   """(crop_length, patch_size, views_tr) of views mode, validated."""
-  crop, patch = int(_get(data_cfg, "crop_length", 100)), int(_get(data_cfg, "patch_size", 20))
+  crop, patch = int(setting(data_cfg, "crop_length", 100)), int(setting(data_cfg, "patch_size", 20))
   if not 1 <= patch <= crop:
     raise ValueError(
       f"data config: field 'patch_size' expected 1 <= patch_size <= crop_length ({crop}), "
       f"found {patch}"
     )
-  tr = _get(data_cfg, "views_tr")
+  tr = setting(data_cfg, "views_tr")
   if tr is not None and not float(tr) > 0:
     raise ValueError(f"data config: field 'views_tr' expected > 0 s or None, found {tr}")
   return crop, patch, None if tr is None else float(tr)
@@ -166,7 +162,7 @@ def views_cfg(data_cfg: Any) -> tuple[int, int, float | None]:
 
 def kept_train_subjects(ds: bold_records.BoldDataset, data_cfg: Any) -> list[int] | None:
   """Subject ids kept for training when data_cfg.train_subjects is set (seeded choice)."""
-  n = _get(data_cfg, "train_subjects")
+  n = setting(data_cfg, "train_subjects")
   if n is None:
     return None
   ids = sorted(set(ds.split_index("train")["subject_id"]))
@@ -175,7 +171,7 @@ def kept_train_subjects(ds: bold_records.BoldDataset, data_cfg: Any) -> list[int
       f"data config: field 'train_subjects' expected 1..{len(ids)} ({ds.path} train split), "
       f"found {n}"
     )
-  perm = np.random.default_rng([int(_get(data_cfg, "split_seed", 0)), 0x7E]).permutation(ids)
+  perm = np.random.default_rng([int(setting(data_cfg, "split_seed", 0)), 0x7E]).permutation(ids)
   return sorted(int(i) for i in perm[: int(n)])
 
 
@@ -190,7 +186,7 @@ def plan(ds: bold_records.BoldDataset, split: str, data_cfg: Any) -> np.ndarray:
   if split == "train":
     keep = kept_train_subjects(ds, data_cfg)
   rows = []
-  shift = float(_get(data_cfg, "decode_shift_s", 5.0))
+  shift = float(setting(data_cfg, "decode_shift_s", 5.0))
   for i, (t, tr, sub, label) in enumerate(
     zip(idx["length"], idx["tr"], idx["subject_id"], idx["label"], strict=True)
   ):
@@ -451,13 +447,13 @@ def make_dataset(
   source = PlannedSource(info.path, split, rows, zscore, zscored)
   if mode == "views":
     return _views_dataset(data_cfg, info, source, train, seed, batch_size, shard_index, shard_count)
-  pairs = bool(_get(data_cfg, "pairs", False))
+  pairs = bool(setting(data_cfg, "pairs", False))
   subjects = np.asarray(ds_dir.split_index(split)["subject_id"], np.int64)[rows[:, 0]]
   sampler = MakeSequence(
     seq_min,
     seq_max,
     pairs=pairs,
-    pair_gap=tuple(_get(data_cfg, "pair_gap", (0, 0))),
+    pair_gap=tuple(setting(data_cfg, "pair_gap", (0, 0))),
     others=source if pairs else None,
     other_subjects=subjects if pairs else None,
   )
@@ -516,6 +512,8 @@ def _views_dataset(
 @registry.register("pipeline", "parcellated")
 class BoldPipeline:
   """Parcellated BOLD (the synthetic default or a prepared directory) for the train loop."""
+
+  kind = "parcellated"  # evals.examples builds labelled examples per kind
 
   prepare = staticmethod(prepare)
   make_dataset = staticmethod(make_dataset)

@@ -17,33 +17,21 @@ without reading any bold; TFDS shuffling is disabled, so index position i is rec
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import itertools
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from boldjax.cli import InputError
-from boldjax.data.records import (
-  SPLITS,
-  EmptySource,
-  TfdsSplitSource,
-  _json_default,
-  _Progress,
-  _quiet_tfds,
-)
+from boldjax.data import store
+from boldjax.data.store import SPLITS  # noqa: F401  (the split names, for callers)
 
 FORMAT_VERSION = 1
 BOLD_DTYPES = ("float16", "float32")
-_BUILDER_NAME = "bold_runs"
-_BUILDER_VERSION = "1.0.0"
+BUILDER_NAME = "bold_runs"
+BUILDER_VERSION = "1.0.0"
 _STRINGS = ("subject", "run", "task", "dataset")
 _BLOCKS = ("block_onset_s", "block_duration_s", "block_label")
 FIELDS = (
@@ -99,71 +87,6 @@ def subject_splits(
   for s, r in zip(subs, rank, strict=True):
     out[s] = "val" if r < n_val else "test" if r < n_val + n_test else "train"
   return out
-
-
-def _make_builder_class():
-  """Define the TFDS builder lazily (importing TFDS costs ~1 s)."""
-  import tensorflow_datasets as tfds
-
-  class BoldjaxBoldRuns(tfds.core.GeneratorBasedBuilder):
-    """Writes the splits handed to it in order (shuffling off); never downloads anything."""
-
-    name = _BUILDER_NAME
-    VERSION = tfds.core.Version(_BUILDER_VERSION)
-
-    def __init__(self, *, examples_by_split, num_parcels, bold_dtype, **kwargs):
-      self._examples_by_split = examples_by_split
-      self._r = num_parcels
-      self._bold_dtype = bold_dtype
-      pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
-      before = set(glob.glob(pattern))
-      super().__init__(**kwargs)
-      for leaked in set(glob.glob(pattern)) - before:
-        with contextlib.suppress(OSError):
-          os.rmdir(leaked)  # only ever removes an empty directory
-
-    def _info(self):
-      f = tfds.features
-      r = self._r
-      feats = {
-        "bold": f.Tensor(shape=(None, r), dtype=self._bold_dtype),
-        "tr": f.Scalar(dtype=np.float32),
-        **{k: f.Text() for k in _STRINGS},
-        "subject_id": f.Scalar(dtype=np.int32),
-        "label": f.Scalar(dtype=np.int32),
-        "frame_labels": f.Tensor(shape=(None,), dtype=np.int32),
-        "block_onset_s": f.Tensor(shape=(None,), dtype=np.float32),
-        "block_duration_s": f.Tensor(shape=(None,), dtype=np.float32),
-        "block_label": f.Tensor(shape=(None,), dtype=np.int32),
-        "mean": f.Tensor(shape=(r,), dtype=np.float32),
-        "std": f.Tensor(shape=(r,), dtype=np.float32),
-        "has_stats": f.Scalar(dtype=np.bool_),
-      }
-      return tfds.core.DatasetInfo(
-        builder=self,
-        description="boldjax parcellated BOLD runs",
-        features=f.FeaturesDict(feats),
-        disable_shuffling=True,
-      )
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {name: self._generate_examples(name) for name in self._examples_by_split}
-
-    def _generate_examples(self, split):
-      yield from enumerate(self._examples_by_split[split])
-
-  return BoldjaxBoldRuns
-
-
-_BUILDER_CLASS = None
-
-
-def _builder_class():
-  global _BUILDER_CLASS
-  if _BUILDER_CLASS is None:
-    _BUILDER_CLASS = _make_builder_class()
-  return _BUILDER_CLASS
 
 
 def _int_vector(value: Any, where: str, field: str, length: int | None = None) -> np.ndarray:
@@ -307,7 +230,7 @@ def _validated(
   subject_ids: Mapping[str, int] | None,
 ) -> Iterator[dict[str, Any]]:
   """Validate, assign subject ids, enforce subject-wise splits, fill index.json columns."""
-  progress = _Progress(f"{name}/{split}")
+  progress = store.Progress(f"{name}/{split}")
   index = state["index"].setdefault(
     split,
     {
@@ -378,11 +301,7 @@ def build_bold_dataset(
   subject strings to ids (default: each record's subject_id field). Records shorter than
   seq_min frames are refused.
   """
-  import tensorflow_datasets as tfds
-
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(f"build_bold_dataset: {out_dir} exists and is not empty")
+  out_dir = store.check_new_dir(out_dir, overwrite, "build_bold_dataset")
   for key in ("name", "source"):
     if key not in meta:
       raise ValueError(f"build_bold_dataset: meta needs field {key!r}, found {sorted(meta)}")
@@ -390,9 +309,6 @@ def build_bold_dataset(
     raise ValueError(
       f"build_bold_dataset: bold_dtype expected one of {BOLD_DTYPES}, found {bold_dtype!r}"
     )
-  bad = [s for s in examples_by_split if s not in SPLITS]
-  if bad:
-    raise ValueError(f"build_bold_dataset: split names must be in {SPLITS}, found {bad}")
   name = str(meta["name"])
   num_parcels = meta.get("num_parcels")
   state: dict[str, Any] = {
@@ -404,15 +320,13 @@ def build_bold_dataset(
     "index": {},
   }
   nonempty = {}
-  for split, examples in examples_by_split.items():
-    it = iter(examples)
-    first = next(it, None)
-    if first is None:
-      continue
+  for split, (first, stream) in store.nonempty_splits(
+    examples_by_split, "build_bold_dataset", name
+  ).items():
     if state["num_parcels"] is None:  # TFDS needs R before writing
       state["num_parcels"] = int(np.shape(first["bold"])[-1])
     nonempty[split] = _validated(
-      itertools.chain([first], it),
+      stream,
       split=split,
       name=name,
       state=state,
@@ -420,25 +334,9 @@ def build_bold_dataset(
       bold_dtype=bold_dtype,
       subject_ids=subject_ids,
     )
-  if not nonempty:
-    raise ValueError(f"build_bold_dataset: {name}: every split is empty")
   r = state["num_parcels"]
-  tmp = f"{out_dir}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  os.makedirs(tmp)
-  try:
-    builder = _builder_class()(
-      examples_by_split=nonempty,
-      num_parcels=r,
-      bold_dtype=np.dtype(bold_dtype).type,
-      data_dir=os.path.join(tmp, "tfds"),
-      file_format="array_record",
-    )
-    with _quiet_tfds(tfds):
-      builder.download_and_prepare(
-        download_dir=os.path.join(tmp, "downloads"),
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-      )
-    shutil.rmtree(os.path.join(tmp, "downloads"), ignore_errors=True)
+
+  def finish(tmp: str, written: dict[str, int]) -> None:
     full = dict(meta)
     networks = np.asarray(full.get("network_of_parcel", np.zeros(r, np.int64)), np.int64)
     if networks.shape != (r,):
@@ -487,28 +385,48 @@ def build_bold_dataset(
     )
     full.setdefault("atlas", "")
     full.setdefault("bold_is_zscored", False)
-    for s in nonempty:
-      written = int(builder.info.splits[s].num_examples)
-      if written != full["split_sizes"][s]:
-        raise RuntimeError(f"{name}/{s}: wrote {written} records, indexed {full['split_sizes'][s]}")
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-      json.dump(full, f, indent=2, sort_keys=True, default=_json_default)
-    with open(os.path.join(tmp, "index.json"), "w") as f:
-      json.dump(state["index"], f, default=_json_default)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out_dir
+    for s, count in written.items():
+      if count != full["split_sizes"][s]:
+        raise RuntimeError(f"{name}/{s}: wrote {count} records, indexed {full['split_sizes'][s]}")
+    store.write_json(os.path.join(tmp, "meta.json"), full, indent=2, sort_keys=True)
+    store.write_json(os.path.join(tmp, "index.json"), state["index"])
+
+  return store.write_dataset(
+    out_dir,
+    builder=(BUILDER_NAME, BUILDER_VERSION),
+    features=_features(r, np.dtype(bold_dtype).type),
+    examples_by_split=nonempty,
+    finish=finish,
+    description="boldjax parcellated BOLD runs",
+    shuffle=False,  # index.json position i is record i
+  )
 
 
-class BoldSource(TfdsSplitSource):
+def _features(r: int, bold_dtype: Any) -> dict[str, Any]:
+  import tensorflow_datasets as tfds
+
+  f = tfds.features
+  return {
+    "bold": f.Tensor(shape=(None, r), dtype=bold_dtype),
+    "tr": f.Scalar(dtype=np.float32),
+    **{k: f.Text() for k in _STRINGS},
+    "subject_id": f.Scalar(dtype=np.int32),
+    "label": f.Scalar(dtype=np.int32),
+    "frame_labels": f.Tensor(shape=(None,), dtype=np.int32),
+    "block_onset_s": f.Tensor(shape=(None,), dtype=np.float32),
+    "block_duration_s": f.Tensor(shape=(None,), dtype=np.float32),
+    "block_label": f.Tensor(shape=(None,), dtype=np.int32),
+    "mean": f.Tensor(shape=(r,), dtype=np.float32),
+    "std": f.Tensor(shape=(r,), dtype=np.float32),
+    "has_stats": f.Scalar(dtype=np.bool_),
+  }
+
+
+class BoldSource(store.SplitSource):
   """Split of runs (getitem -> dict of numpy; strings come back as str) for grain."""
 
-  builder_name = _BUILDER_NAME
-  builder_version = _BUILDER_VERSION
+  builder_name = BUILDER_NAME
+  builder_version = BUILDER_VERSION
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     ex = dict(self._open()[int(index)])
@@ -520,12 +438,6 @@ class BoldSource(TfdsSplitSource):
       ex[key] = np.int32(ex[key])
     ex["has_stats"] = np.bool_(ex["has_stats"])
     return ex
-
-  def __getstate__(self):
-    return {"path": self.path, "split": self.split, "_source": None, "_len": self._len}
-
-  def __repr__(self) -> str:
-    return f"BoldSource({self.path!r}, {self.split!r})"
 
 
 class BoldDataset:
@@ -563,11 +475,11 @@ class BoldDataset:
       raise KeyError(f"{self.path}: no split {name!r}; found {sorted(self.splits)}")
     return self.index.get(name, {"length": [], "tr": [], "subject_id": [], "label": []})
 
-  def split(self, name: str) -> BoldSource | EmptySource:
+  def split(self, name: str) -> BoldSource | store.EmptySource:
     if name not in self.meta["split_sizes"]:
       raise KeyError(f"{self.path}: no split {name!r}; found {sorted(self.splits)}")
     if self.meta["split_sizes"][name] == 0:
-      return EmptySource(name)
+      return store.EmptySource(name)
     return BoldSource(self.path, name)
 
 

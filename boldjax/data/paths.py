@@ -12,12 +12,26 @@ import hashlib
 import os
 import shutil
 import tempfile
+from typing import Any
 
 from etils import epath
 
 from boldjax.cli import InputError
 
 COMPLETE = ".complete"
+
+
+def setting(cfg: Any, key: str, default: Any = None) -> Any:
+  """cfg[key] from a ConfigDict, dict or object; `default` when missing or None."""
+  value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+  return default if value is None else value
+
+
+def cache_dir(data_cfg: Any) -> str:
+  """Where built and staged datasets go: data.cache_dir, else $BOLDJAX_CACHE, else
+  ~/.cache/boldjax."""
+  default = os.environ.get("BOLDJAX_CACHE", "~/.cache/boldjax")
+  return os.path.abspath(os.path.expanduser(setting(data_cfg, "cache_dir", default)))
 
 
 def is_remote(path: str | os.PathLike) -> bool:

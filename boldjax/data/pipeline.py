@@ -22,6 +22,7 @@ import numpy as np
 from boldjax import registry
 from boldjax.data import flat_builder, paths, records, transforms
 from boldjax.data.patching import ORDERINGS, PatchLayout
+from boldjax.data.paths import setting
 from boldjax.data.tokenizer import KMeansTokenizer
 
 TRAIN_KEYS = ("patches", "tokens", "order", "subject_id", "label")
@@ -68,23 +69,18 @@ class FlatMapInfo:
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-  value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-  return default if value is None else value
-
-
 def _dataset_path(data_cfg: Any) -> str:
-  source = _get(data_cfg, "source", "synthetic_flat")
-  path = _get(data_cfg, "path")
+  source = setting(data_cfg, "source", "synthetic_flat")
+  path = setting(data_cfg, "path")
   if path:
-    return paths.readable_dataset(path, _cache_dir(data_cfg))
+    return paths.readable_dataset(path, paths.cache_dir(data_cfg))
   if source == "synthetic_flat":
     from boldjax.data.synthetic_flat import SyntheticFlatSpec
 
-    synthetic = _get(data_cfg, "synthetic", {})
+    synthetic = setting(data_cfg, "synthetic", {})
     fields = synthetic.to_dict() if hasattr(synthetic, "to_dict") else dict(synthetic)
     spec = SyntheticFlatSpec(**fields)
-    return flat_builder.ensure_synthetic_flat(_cache_dir(data_cfg), spec)
+    return flat_builder.ensure_synthetic_flat(paths.cache_dir(data_cfg), spec)
   if source == "array_record":
     raise ValueError("data config: field 'path' is required when source='array_record'")
   raise ValueError(
@@ -92,14 +88,9 @@ def _dataset_path(data_cfg: Any) -> str:
   )
 
 
-def _cache_dir(data_cfg: Any) -> str:
-  default = os.environ.get("BOLDJAX_CACHE", "~/.cache/boldjax")
-  return os.path.abspath(os.path.expanduser(_get(data_cfg, "cache_dir", default)))
-
-
 def _ordering(data_cfg: Any) -> tuple[str | np.ndarray, str]:
   """(ordering for PatchLayout.from_mask, short name for file names)."""
-  ordering = _get(data_cfg, "ordering", "radial")
+  ordering = setting(data_cfg, "ordering", "radial")
   if ordering in ORDERINGS:
     return ordering, ordering
   if isinstance(ordering, str) and ordering.endswith(".npy") and os.path.exists(ordering):
@@ -117,7 +108,7 @@ def _store_dir(path: str, data_cfg: Any) -> str:
   if os.access(path, os.W_OK):
     return path
   digest = hashlib.sha256(path.encode()).hexdigest()[:12]
-  out = os.path.join(_cache_dir(data_cfg), "derived", digest)
+  out = os.path.join(paths.cache_dir(data_cfg), "derived", digest)
   os.makedirs(out, exist_ok=True)
   return out
 
@@ -145,10 +136,10 @@ def _read_patches(
 
 def _fit_tokenizer(ds: records.FlatDataset, layout: PatchLayout, tcfg: Any) -> KMeansTokenizer:
   train = ds.split("train")
-  idx = _sample_indices(len(train), _get(tcfg, "num_maps", 4000), _get(tcfg, "seed", 42))
+  idx = _sample_indices(len(train), setting(tcfg, "num_maps", 4000), setting(tcfg, "seed", 42))
   patches = _read_patches(train, idx, layout, ds.value_range, "tokenizer fit")
   interior = patches[:, layout.interior()].reshape(-1, layout.patch_dim)
-  vocab_size = int(_get(tcfg, "vocab_size", 1024))
+  vocab_size = int(setting(tcfg, "vocab_size", 1024))
   if len(interior) < vocab_size:
     raise ValueError(
       f"{ds.path}: tokenizer.vocab_size={vocab_size} needs at least as many interior patches; "
@@ -160,7 +151,7 @@ def _fit_tokenizer(ds: records.FlatDataset, layout: PatchLayout, tcfg: Any) -> K
     flush=True,
   )
   start = time.monotonic()
-  tok = KMeansTokenizer.fit(interior, vocab_size=vocab_size, seed=int(_get(tcfg, "seed", 42)))
+  tok = KMeansTokenizer.fit(interior, vocab_size=vocab_size, seed=int(setting(tcfg, "seed", 42)))
   print(f"[boldjax.data] k-means done in {time.monotonic() - start:.1f}s", flush=True)
   return tok
 
@@ -186,30 +177,30 @@ def prepare(data_cfg: Any) -> FlatMapInfo:
   path = _dataset_path(data_cfg)
   ds = records.open_flat_dataset(path)
   ordering, ordering_name = _ordering(data_cfg)
-  patch_size = int(_get(data_cfg, "patch_size", 10))
+  patch_size = int(setting(data_cfg, "patch_size", 10))
   layout = PatchLayout.from_mask(ds.mask, patch_size, ordering)
-  tcfg = _get(data_cfg, "tokenizer", {})
-  vocab_size = int(_get(tcfg, "vocab_size", 0))
+  tcfg = setting(data_cfg, "tokenizer", {})
+  vocab_size = int(setting(tcfg, "vocab_size", 0))
   tokenizer, token_counts = None, None
-  if _get(tcfg, "path"):
-    tokenizer = _given_tokenizer(str(_get(tcfg, "path")), layout, vocab_size)
+  if setting(tcfg, "path"):
+    tokenizer = _given_tokenizer(str(setting(tcfg, "path")), layout, vocab_size)
     digest = hashlib.sha256(tokenizer.vocab.tobytes()).hexdigest()[:12]
-    count_maps = int(_get(data_cfg, "token_count_maps", 2000))
+    count_maps = int(setting(data_cfg, "token_count_maps", 2000))
     store = _store_dir(path, data_cfg)
     stem = f"tokenizer_given{digest}_{patch_size}_{ordering_name}"
     counts_path = os.path.join(store, f"{stem}_counts{count_maps}.npz")
     if not os.path.exists(counts_path):
       with flat_builder.file_lock(os.path.join(store, f".{stem}.lock"), f"counting {stem}"):
         if not os.path.exists(counts_path):
-          seed = int(_get(tcfg, "seed", 42))
+          seed = int(setting(tcfg, "seed", 42))
           counts = _token_counts(ds, layout, tokenizer, count_maps, seed)
           _atomic_save(lambda f: np.savez(f, **counts), counts_path)
     with np.load(counts_path) as z:
       token_counts = {k: z[k] for k in z.files}
   elif vocab_size > 0:
-    num_maps = int(_get(tcfg, "num_maps", 4000))
-    seed = int(_get(tcfg, "seed", 42))
-    count_maps = int(_get(data_cfg, "token_count_maps", 2000))
+    num_maps = int(setting(tcfg, "num_maps", 4000))
+    seed = int(setting(tcfg, "seed", 42))
+    count_maps = int(setting(data_cfg, "token_count_maps", 2000))
     store = _store_dir(path, data_cfg)
     stem = f"tokenizer_{vocab_size}_{patch_size}_{ordering_name}_{seed}_n{num_maps}"
     tok_path = os.path.join(store, stem + ".npz")
@@ -330,7 +321,7 @@ def make_dataset(
     keys = EVAL_KEYS
   ds = ds.map(transforms.Dequantize(info.mask, info.value_range))
   ds = ds.map(transforms.Patchify(info.layout))
-  ordering = "random" if (train and bool(_get(data_cfg, "shuffle_order", False))) else "fixed"
+  ordering = "random" if (train and bool(setting(data_cfg, "shuffle_order", False))) else "fixed"
   order_seed = (seed + 1) % 2**32
   ds = ds.random_map(transforms.PatchOrder(info.layout.num_patches, ordering), seed=order_seed)
   ds = ds.map(transforms.SelectKeys(keys))
@@ -355,11 +346,11 @@ def eval_shard_indices(n: int, batch_size: int, shard_index: int, shard_count: i
 def to_iter_dataset(ds: grain.MapDataset, data_cfg: Any) -> grain.IterDataset:
   """Threaded reads, plus worker processes when data_cfg.num_workers > 0."""
   read = grain.ReadOptions(
-    num_threads=int(_get(data_cfg, "num_threads", 2)),
-    prefetch_buffer_size=int(_get(data_cfg, "prefetch_buffer_size", 64)),
+    num_threads=int(setting(data_cfg, "num_threads", 2)),
+    prefetch_buffer_size=int(setting(data_cfg, "prefetch_buffer_size", 64)),
   )
   it_ds = ds.to_iter_dataset(read)
-  workers = int(_get(data_cfg, "num_workers", 0))
+  workers = int(setting(data_cfg, "num_workers", 0))
   if workers > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return it_ds
@@ -369,6 +360,8 @@ def to_iter_dataset(ds: grain.MapDataset, data_cfg: Any) -> grain.IterDataset:
 @registry.register("pipeline", "array_record")
 class FlatMapPipeline:
   """Flat-map datasets (the synthetic default or a prepared directory) for the train loop."""
+
+  kind = "flat"  # evals.examples builds labelled examples per kind
 
   prepare = staticmethod(prepare)
   make_dataset = staticmethod(make_dataset)

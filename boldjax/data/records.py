@@ -14,27 +14,21 @@ backgrounds are constant, and TFDS would otherwise upcast uint8 to int64).
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import itertools
 import json
 import os
-import shutil
-import tempfile
-import threading
-import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
+from boldjax.data import store
+from boldjax.data.store import SPLITS  # noqa: F401  (the split names, for callers)
+
 FORMAT_VERSION = 1
 VALUE_RANGE = (-2.5, 2.5)
-SPLITS = ("train", "val", "test")
 QUANTIZATIONS = ("uint8", "float16")
-_BUILDER_NAME = "boldjax_flat_maps"
-_BUILDER_VERSION = "1.0.0"
+BUILDER_NAME = "boldjax_flat_maps"
+BUILDER_VERSION = "1.0.0"
 # field -> (numpy dtype, default when an example omits it; None = required)
 _SCALARS: dict[str, tuple[type, int | None]] = {
   "subject_id": (np.int32, None),
@@ -61,81 +55,6 @@ def dequantize(q: np.ndarray, value_range: tuple[float, float] = VALUE_RANGE) ->
   return np.float32(hi - lo) * x + np.float32(lo)
 
 
-def _make_builder_class():
-  """Define the TFDS builder lazily: importing TFDS costs ~1 s and registers a name."""
-  import tensorflow_datasets as tfds
-
-  class BoldjaxFlatMaps(tfds.core.GeneratorBasedBuilder):
-    """Writes the splits handed to it; never downloads anything."""
-
-    name = _BUILDER_NAME
-    VERSION = tfds.core.Version(_BUILDER_VERSION)
-
-    def __init__(self, *, examples_by_split, height, width, activity_dtype, **kwargs):
-      self._examples_by_split = examples_by_split
-      self._shape = (height, width)
-      self._activity_dtype = activity_dtype
-      # TFDS's DatasetInfo.initialize_from_bucket leaves an empty /tmp/tmp*tfds dir behind
-      pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
-      before = set(glob.glob(pattern))
-      super().__init__(**kwargs)
-      for leaked in set(glob.glob(pattern)) - before:
-        with contextlib.suppress(OSError):
-          os.rmdir(leaked)  # only ever removes an empty directory
-
-    def _info(self):
-      scalars = {k: tfds.features.Scalar(dtype=dt) for k, (dt, _) in _SCALARS.items()}
-      activity = tfds.features.Tensor(
-        shape=self._shape, dtype=self._activity_dtype, encoding=tfds.features.Encoding.ZLIB
-      )
-      return tfds.core.DatasetInfo(
-        builder=self,
-        description="boldjax flat maps",
-        features=tfds.features.FeaturesDict({"activity": activity, **scalars}),
-      )
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {name: self._generate_examples(name) for name in self._examples_by_split}
-
-    def _generate_examples(self, split):
-      yield from enumerate(self._examples_by_split[split])
-
-  return BoldjaxFlatMaps
-
-
-_BUILDER_CLASS = None
-
-
-def _builder_class():
-  global _BUILDER_CLASS
-  if _BUILDER_CLASS is None:
-    _BUILDER_CLASS = _make_builder_class()
-  return _BUILDER_CLASS
-
-
-class _Progress:
-  """Prints rows and rows/s every `every` seconds (long imports must show life)."""
-
-  def __init__(self, label: str, every: float = 10.0):
-    self.label, self.every = label, every
-    self.start = self.last = None
-    self.count = 0
-
-  def tick(self) -> None:
-    now = time.monotonic()
-    if self.start is None:
-      self.start = self.last = now
-    self.count += 1
-    if now - self.last >= self.every:
-      self.last = now
-      self.report()
-
-  def report(self) -> None:
-    dt = max(time.monotonic() - (self.start or time.monotonic()), 1e-9)
-    print(f"[{self.label}] {self.count} rows, {self.count / dt:.0f} rows/s", flush=True)
-
-
 def _validated(
   examples: Iterable[dict[str, Any]],
   *,
@@ -146,7 +65,7 @@ def _validated(
   stats: dict[str, Any],
 ) -> Iterator[dict[str, Any]]:
   """Check and normalise each example; count subjects and labels for meta.json."""
-  progress = _Progress(where)
+  progress = store.Progress(where)
   for i, ex in enumerate(examples):
     unknown = set(ex) - set(_FIELDS)
     if unknown:
@@ -213,12 +132,7 @@ def build_flat_dataset(
   mask may be a callable evaluated after all examples are written (for masks derived from
   the data). Returns out_dir.
   """
-  import tensorflow_datasets as tfds
-
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    if not overwrite:
-      raise FileExistsError(f"build_flat_dataset: {out_dir} exists and is not empty")
+  out_dir = store.check_new_dir(out_dir, overwrite, "build_flat_dataset")
   if callable(mask):  # computed from the data, after every example is written
     mask_fn = mask
     if "height" not in meta or "width" not in meta:
@@ -237,50 +151,25 @@ def build_flat_dataset(
       f"build_flat_dataset: meta field 'quantization' must be one of {QUANTIZATIONS}, "
       f"found {quantization!r}"
     )
-  bad = [s for s in examples_by_split if s not in SPLITS]
-  if bad:
-    raise ValueError(f"build_flat_dataset: split names must be in {SPLITS}, found {bad}")
   value_range = tuple(float(v) for v in meta.get("value_range", VALUE_RANGE))
   shape = tuple(int(s) for s in shape)
   stats = {"max_subject": -1, "max_label": -1}
   name = meta["name"]
-  # TFDS cannot write an empty split: peek at the raw streams, keep the non-empty ones
-  # (empty splits are recorded in meta.json only).
-  nonempty = {}
-  for split, examples in examples_by_split.items():
-    it = iter(examples)
-    first = next(it, None)
-    if first is not None:
-      nonempty[split] = _validated(
-        itertools.chain([first], it),
-        where=f"{name}/{split}",
-        shape=shape,
-        quantization=quantization,
-        value_range=value_range,
-        stats=stats,
-      )
-  if not nonempty:
-    raise ValueError(f"build_flat_dataset: {name}: every split is empty")
-  tmp = f"{out_dir}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  os.makedirs(tmp)
-  try:
-    builder = _builder_class()(
-      examples_by_split=nonempty,
-      height=shape[0],
-      width=shape[1],
-      activity_dtype=np.uint8 if quantization == "uint8" else np.float16,
-      data_dir=os.path.join(tmp, "tfds"),
-      file_format="array_record",
+  nonempty = {
+    split: _validated(
+      stream,
+      where=f"{name}/{split}",
+      shape=shape,
+      quantization=quantization,
+      value_range=value_range,
+      stats=stats,
     )
-    with _quiet_tfds(tfds):
-      builder.download_and_prepare(
-        download_dir=os.path.join(tmp, "downloads"),
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-      )
-    shutil.rmtree(os.path.join(tmp, "downloads"), ignore_errors=True)
-    split_sizes = {
-      s: int(builder.info.splits[s].num_examples) if s in nonempty else 0 for s in examples_by_split
-    }
+    for split, (_, stream) in store.nonempty_splits(
+      examples_by_split, "build_flat_dataset", name
+    ).items()
+  }
+
+  def finish(tmp: str, written: dict[str, int]) -> None:
     full_meta = dict(meta)
     full_meta.update(
       format_version=FORMAT_VERSION,
@@ -288,88 +177,44 @@ def build_flat_dataset(
       width=shape[1],
       value_range=list(value_range),
       quantization=quantization,
-      split_sizes=split_sizes,
+      split_sizes={s: written.get(s, 0) for s in examples_by_split},
     )
-    mask = np.asarray(mask_fn() if mask_fn is not None else mask)
-    if mask.shape != shape:
-      raise ValueError(f"build_flat_dataset: mask shape expected {shape}, found {mask.shape}")
-    mask = mask > 0
-    full_meta["mask_pixels"] = int(mask.sum())
+    flat_mask = np.asarray(mask_fn() if mask_fn is not None else mask)
+    if flat_mask.shape != shape:
+      raise ValueError(f"build_flat_dataset: mask shape expected {shape}, found {flat_mask.shape}")
+    flat_mask = flat_mask > 0
+    full_meta["mask_pixels"] = int(flat_mask.sum())
     full_meta.setdefault("num_subjects", stats["max_subject"] + 1)
     full_meta.setdefault("num_classes", stats["max_label"] + 1)
-    np.save(os.path.join(tmp, "mask.npy"), mask)
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-      json.dump(full_meta, f, indent=2, sort_keys=True, default=_json_default)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out_dir
+    np.save(os.path.join(tmp, "mask.npy"), flat_mask)
+    store.write_json(os.path.join(tmp, "meta.json"), full_meta, indent=2, sort_keys=True)
+
+  activity_dtype = np.uint8 if quantization == "uint8" else np.float16
+  return store.write_dataset(
+    out_dir,
+    builder=(BUILDER_NAME, BUILDER_VERSION),
+    features=_features(shape, activity_dtype),
+    examples_by_split=nonempty,
+    finish=finish,
+    description="boldjax flat maps",
+  )
 
 
-@contextlib.contextmanager
-def _quiet_tfds(tfds):
-  """Silence TFDS's tqdm bars while building (we print our own rows/s)."""
-  tfds.disable_progress_bar()
-  try:
-    yield
-  finally:
-    tfds.enable_progress_bar()
+def _features(shape: tuple[int, int], activity_dtype: Any) -> dict[str, Any]:
+  import tensorflow_datasets as tfds
+
+  scalars = {k: tfds.features.Scalar(dtype=dt) for k, (dt, _) in _SCALARS.items()}
+  activity = tfds.features.Tensor(
+    shape=shape, dtype=activity_dtype, encoding=tfds.features.Encoding.ZLIB
+  )
+  return {"activity": activity, **scalars}
 
 
-def _json_default(obj):
-  if isinstance(obj, np.generic):
-    return obj.item()
-  if isinstance(obj, np.ndarray):
-    return obj.tolist()
-  raise TypeError(f"meta.json: cannot serialise {type(obj).__name__}: {obj!r}")
-
-
-_OPEN_LOCK = threading.Lock()
-
-
-class TfdsSplitSource:
-  """Random-access split of a dataset directory's TFDS ArrayRecord files.
-
-  Picklable: the TFDS data source is reopened lazily in each process. Subclasses name
-  their builder and decode examples in __getitem__.
-  """
-
-  builder_name = _BUILDER_NAME
-  builder_version = _BUILDER_VERSION
-
-  def __init__(self, path: str, split: str):
-    self.path, self.split = path, split
-    self._source = None
-    self._len = None
-
-  def _open(self):
-    if self._source is not None:
-      return self._source
-    # One opener at a time: grain's prefetch threads call this concurrently, and two threads
-    # importing tensorflow_datasets (lazy etils modules) at once deadlock on Python 3.11.
-    with _OPEN_LOCK:
-      if self._source is not None:
-        return self._source
-      import tensorflow_datasets as tfds
-
-      tfds_dir = os.path.join(self.path, "tfds", self.builder_name, self.builder_version)
-      builder = tfds.builder_from_directory(tfds_dir)
-      if self.split not in builder.info.splits:
-        raise KeyError(f"{self.path}: no split {self.split!r}; found {sorted(builder.info.splits)}")
-      self._source = builder.as_data_source(split=self.split)
-    return self._source
-
-  def __len__(self) -> int:
-    if self._len is None:
-      self._len = len(self._open())
-    return self._len
-
-
-class FlatSource(TfdsSplitSource):
+class FlatSource(store.SplitSource):
   """Flat-map split (getitem -> dict of numpy arrays) for grain.MapDataset.source."""
+
+  builder_name = BUILDER_NAME
+  builder_version = BUILDER_VERSION
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     ex = self._open()[index]
@@ -377,25 +222,6 @@ class FlatSource(TfdsSplitSource):
     for key, (dtype, _) in _SCALARS.items():
       out[key] = np.asarray(ex[key], dtype)
     return out
-
-  def __getstate__(self):
-    return {"path": self.path, "split": self.split, "_source": None, "_len": self._len}
-
-  def __repr__(self) -> str:
-    return f"FlatSource({self.path!r}, {self.split!r})"
-
-
-class EmptySource:
-  """A split with no examples (TFDS cannot store one)."""
-
-  def __init__(self, split: str):
-    self.split = split
-
-  def __len__(self) -> int:
-    return 0
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    raise IndexError(f"split {self.split!r} is empty")
 
 
 class FlatDataset:
@@ -435,7 +261,7 @@ class FlatDataset:
     if name not in self.meta["split_sizes"]:
       raise KeyError(f"{self.path}: no split {name!r}; found {sorted(self.splits)}")
     if self.meta["split_sizes"][name] == 0:
-      return EmptySource(name)
+      return store.EmptySource(name)
     return FlatSource(self.path, name)
 
 
