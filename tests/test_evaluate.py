@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from boldjax.evals import baselines, features, probe_evaluator
+from boldjax.evals import examples as examples_lib
+from boldjax.evals import labels as labels_lib
 from configs import csm_gpt
 
 
@@ -33,31 +35,31 @@ def test_fc_equals_corrcoef_upper_triangle():
 
 
 def test_crop_starts_spread_evenly():
-  np.testing.assert_array_equal(features.crop_starts(10, 30, 10, 3), [10, 20, 30])
-  np.testing.assert_array_equal(features.crop_starts(0, 8, 20, 2), [0, 0])
-  np.testing.assert_array_equal(features.crop_starts(5, 17, 8, 1), [5])
+  np.testing.assert_array_equal(examples_lib.crop_starts(10, 30, 10, 3), [10, 20, 30])
+  np.testing.assert_array_equal(examples_lib.crop_starts(0, 8, 20, 2), [0, 0])
+  np.testing.assert_array_equal(examples_lib.crop_starts(5, 17, 8, 1), [5])
 
 
 def test_label_sources_registry_and_errors(tmp_path):
-  assert features.label_source("auto", "parcellated").name == "state"
-  assert features.label_source("auto", "flat").name == "stimulus"
+  assert labels_lib.label_source("auto", "parcellated").name == "state"
+  assert labels_lib.label_source("auto", "flat").name == "stimulus"
   with pytest.raises(KeyError, match=r"known: \['state', 'stimulus', 'task'\] or a path"):
-    features.label_source("mood", "parcellated")
+    labels_lib.label_source("mood", "parcellated")
   with pytest.raises(
     ValueError, match="applies to \\('flat',\\) data.*usable: \\['state', 'task'\\]"
   ):
-    features.label_source("stimulus", "parcellated")
+    labels_lib.label_source("stimulus", "parcellated")
   bad = tmp_path / "bad.csv"
   bad.write_text("participant,label\nsub-00,a\n")
   with pytest.raises(ValueError, match=r"bad.csv: header expected columns subject\[,run\],label"):
-    features.label_source(str(bad), "parcellated")
+    labels_lib.label_source(str(bad), "parcellated")
   clash = tmp_path / "clash.csv"
   clash.write_text("subject,label\nsub-00,a\nsub-00,b\n")
   with pytest.raises(ValueError, match=r"clash.csv:3: field 'label'"):
-    features.label_source(str(clash), "parcellated")
+    labels_lib.label_source(str(clash), "parcellated")
   good = tmp_path / "traits.csv"
   good.write_text("subject,run,label\nsub-00,run-01,hi\n3,run-00,lo\nsub-09,run-00,\n")
-  source = features.label_source(str(good), "parcellated")
+  source = labels_lib.label_source(str(good), "parcellated")
   cols = {
     "subject": np.array(["sub-00", "sub-00", "sub-03", "sub-09"]),
     "subject_id": np.array([0, 0, 3, 9]),
@@ -78,7 +80,7 @@ def test_state_examples_equal_decode_pipeline_batches():
 
   config = _csm_config()
   info = pipeline_for(config.data).prepare(config.data)
-  ex = features.load_examples(config, info, "state")
+  ex = examples_lib.load_examples(config, info, "state")
   assert ex.kind == "parcellated" and ex.unit == "block" and ex.num_crops == 1
   assert ex.num_examples == 199 and sorted(set(ex.labels.tolist())) == [0, 1, 2, 3, 4]
   assert len(np.unique(ex.subjects)) == 6
@@ -105,7 +107,7 @@ def test_csv_labels_give_runs_with_crops(tmp_path):
   info = pipeline_for(config.data).prepare(config.data)
   path = tmp_path / "sex.csv"
   path.write_text("subject,label\n" + "".join(f"sub-0{i},{'fm'[i % 2]}\n" for i in range(5)))
-  ex = features.load_examples(config, info, str(path), crops=3, crop_frames=20)
+  ex = examples_lib.load_examples(config, info, str(path), crops=3, crop_frames=20)
   runs_per_subject = 6  # 2 rest + 4 task runs
   assert ex.unit == "run" and ex.num_examples == 5 * runs_per_subject
   assert ex.class_names == ["f", "m"]
@@ -132,7 +134,7 @@ def test_extract_features_batches_pads_and_flattens_crops():
   mesh = sharding.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)))
   n, k, f = 13, 2, 3  # 26 crops: not a multiple of the batch or of the 8 devices
   x = np.arange(n * k * f, dtype=np.float32).reshape(n, k, f)
-  ex = features.ExampleSet(
+  ex = examples_lib.ExampleSet(
     kind="flat", inputs={"x": x}, labels=np.zeros(n, int), subjects=np.arange(n),
     subject_names=[], class_names=["a"], source_split=np.array(["train"] * n),
     label_name="t", unit="map",

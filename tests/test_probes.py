@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
-from boldjax.evals import probes
+from boldjax.evals import heads as heads_lib
+from boldjax.evals import probe_evaluator, probes
 
 FAST = probes.ProbeOptions(
   linear_epochs=20, head_steps=150, head_lrs=(1e-3, 1e-2), logistic_cs=(0.1, 1.0)
@@ -68,8 +69,8 @@ def test_label_independent_noise_is_near_chance(protocol):
   subjects = _subjects(12, 30)
   y = rng.integers(0, 4, 360)
   x = rng.standard_normal((360, 1, 24)).astype(np.float32)
-  out = probes.run_benchmark(
-    [probes.FeatureRow("noise", "vector", x)],
+  out = probe_evaluator.run_benchmark(
+    [probe_evaluator.FeatureRow("noise", "vector", x)],
     y,
     subjects,
     protocols=[protocol],
@@ -96,13 +97,13 @@ def test_probe_predictions_average_per_crop_logits():
   rng = np.random.default_rng(4)
   n, k, f = 40, 3, 8
   x = rng.standard_normal((n, k, f)).astype(np.float32)
-  head = probes.LinearHead(4)
+  head = heads_lib.LinearHead(4)
   params, state = head.init(jax.random.key(0), jnp.asarray(x[:1, 0]))
   params = jax.tree.map(lambda a: a[None] + 0.3 * rng.standard_normal(a.shape), params)
   state = {"mean": jnp.asarray(rng.standard_normal((1, f))), "var": jnp.ones((1, f)) * 2.0}
-  per_crop = probes._logits(head, params, state, x)[0]  # (n, K, C)
+  per_crop = heads_lib.predict_logits(head, params, state, x)[0]  # (n, K, C)
   for c in range(k):
-    alone = probes._logits(head, params, state, x[:, c : c + 1])[0][:, 0]
+    alone = heads_lib.predict_logits(head, params, state, x[:, c : c + 1])[0][:, 0]
     np.testing.assert_allclose(per_crop[:, c], alone, rtol=1e-5, atol=1e-5)
   expected = np.stack([x[:, c] for c in range(k)], 1)
   z = (expected - np.asarray(state["mean"][0])) / np.sqrt(2.0 + 1e-5)
@@ -117,8 +118,8 @@ def test_batchnorm_ignores_padding_rows_and_updates_like_torch():
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)
   w = jnp.asarray([1, 1, 1, 1, 0, 0], jnp.float32)
-  p, s = probes._bn_init(3)
-  y, new = probes._batchnorm(p, s, x, w, True)
+  p, s = heads_lib._bn_init(3)
+  y, new = heads_lib._batchnorm(p, s, x, w, True)
   real = np.asarray(x[:4])
   z = (real - real.mean(0)) / np.sqrt(real.var(0) + 1e-5)
   np.testing.assert_allclose(np.asarray(y[:4]), z, rtol=1e-5, atol=1e-5)
@@ -129,7 +130,7 @@ def test_batchnorm_ignores_padding_rows_and_updates_like_torch():
 def test_attentive_head_equals_plain_multi_head_attention():
   rng = np.random.default_rng(6)
   b, n, d, h = 3, 7, 8, 2
-  head = probes.AttentiveHead(num_classes=3, num_heads=h)
+  head = heads_lib.AttentiveHead(num_classes=3, num_heads=h)
   tokens = rng.standard_normal((b, n, d)).astype(np.float32)
   mask = np.ones((b, n), bool)
   mask[1, 4:] = False
@@ -228,10 +229,10 @@ def test_run_benchmark_marks_inapplicable_cells():
   rng = np.random.default_rng(7)
   subjects, y = _subjects(6, 10), np.tile([0, 1], 30)
   rows = [
-    probes.FeatureRow("vec", "vector", rng.standard_normal((60, 1, 4)).astype(np.float32)),
-    probes.FeatureRow("fc", "vector", None, "no time axis"),
+    probe_evaluator.FeatureRow("vec", "vector", rng.standard_normal((60, 1, 4)).astype(np.float32)),
+    probe_evaluator.FeatureRow("fc", "vector", None, "no time axis"),
   ]
-  out = probes.run_benchmark(
+  out = probe_evaluator.run_benchmark(
     rows, y, subjects, protocols=["logistic", "attentive"], repeats=1, options=FAST, log=None
   )
   assert "na" in out["rows"]["vec"]["attentive"]
@@ -239,4 +240,4 @@ def test_run_benchmark_marks_inapplicable_cells():
   assert 0 <= out["rows"]["vec"]["logistic"]["mean"] <= 1
   assert out["splits"][0]["examples"] == {"train": 30, "val": 10, "test": 20}
   with pytest.raises(KeyError, match="unknown protocols"):
-    probes.run_benchmark(rows, y, subjects, protocols=["ridge"], log=None)
+    probe_evaluator.run_benchmark(rows, y, subjects, protocols=["ridge"], log=None)

@@ -18,7 +18,7 @@ import pytest
 from boldjax import cli, prepare
 from boldjax.data import bold_records
 from boldjax.data import semantoks_layout as layout
-from boldjax.evals import features
+from boldjax.evals import labels as labels_lib
 from tests.run_helpers import read_bold_runs
 
 PARITY = os.path.join(
@@ -258,18 +258,18 @@ def test_dataset_label_keys_as_evaluate_label_sources():
       "age": {"continuous": True, "values": [20.5, None, 31.0, 44.2]},
     }
   }
-  source = features.label_source("sex_bi", "parcellated", meta)
+  source = labels_lib.label_source("sex_bi", "parcellated", meta)
   assert source.unit == "run" and source.name == "sex_bi"
   labels, names = source.label({"run": np.array(["3", "0", "2", "x", "9"])}, [])
   assert names == ["F", "M"] and labels.tolist() == [1, 0, -1, -1, -1]
-  assert features.label_source("site", "parcellated", meta).name == "labels/site"
-  assert features.label_source("task", "parcellated", meta).name == "task"  # registry first
+  assert labels_lib.label_source("site", "parcellated", meta).name == "labels/site"
+  assert labels_lib.label_source("task", "parcellated", meta).name == "task"  # registry first
   with pytest.raises(ValueError, match=r"label key 'age' is continuous"):
-    features.label_source("age", "parcellated", meta)
+    labels_lib.label_source("age", "parcellated", meta)
   with pytest.raises(
     KeyError, match=r"the dataset's label keys \['age', 'labels/site', 'sex_bi'\]"
   ):
-    features.label_source("mood", "parcellated", meta)
+    labels_lib.label_source("mood", "parcellated", meta)
 
 
 # -----------------------------------------------------------------------------------------

@@ -13,15 +13,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from etils import epath
 
 from boldjax import checkpoint, registry
 from boldjax.evals import baselines, features, probes
+from boldjax.evals import examples as examples_lib
 
 BASELINES = ("fc", "identity", "random_init")
 
@@ -64,16 +66,16 @@ def check_settings(s: EvalSettings) -> None:
     raise ValueError(f"--train_subjects: needs --split_by=subject, found --split_by={s.split_by}")
 
 
-def model_rows(prefix: str, feats: dict[str, np.ndarray]) -> list[probes.FeatureRow]:
+def model_rows(prefix: str, feats: dict[str, np.ndarray]) -> list[FeatureRow]:
   """One row per vector feature, plus a tokens row for the attentive probe."""
   rows = [
-    probes.FeatureRow(f"{prefix}{k}", "vector", feats[k])
+    FeatureRow(f"{prefix}{k}", "vector", feats[k])
     for k in sorted(feats)
     if k not in ("tokens", "token_mask")
   ]
   if "tokens" in feats:
     rows.append(
-      probes.FeatureRow(f"{prefix}tokens", "tokens", (feats["tokens"], feats["token_mask"]))
+      FeatureRow(f"{prefix}tokens", "tokens", (feats["tokens"], feats["token_mask"]))
     )
   return rows
 
@@ -82,7 +84,7 @@ def evaluate_run(
   run: Any,
   settings: EvalSettings,
   *,
-  examples: features.ExampleSet | None = None,
+  examples: examples_lib.ExampleSet | None = None,
   params: Any = None,
   log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
@@ -91,7 +93,7 @@ def evaluate_run(
   check_settings(settings)
   t0 = time.perf_counter()
   if examples is None:
-    examples = features.load_examples(
+    examples = examples_lib.load_examples(
       run.config, run.info, settings.labels, crops=settings.crops,
       crop_frames=settings.crop_frames, max_per_subject=settings.max_per_subject,
       seed=settings.seed,
@@ -111,9 +113,9 @@ def evaluate_run(
     rows += model_rows("random_init/", feats)
   if "fc" in settings.baselines:
     fc, why = baselines.fc_or_reason(examples)
-    rows.append(probes.FeatureRow("fc", "vector", fc, why))
+    rows.append(FeatureRow("fc", "vector", fc, why))
   if "identity" in settings.baselines:
-    rows.append(probes.FeatureRow("identity", "vector", baselines.identity_features(examples)))
+    rows.append(FeatureRow("identity", "vector", baselines.identity_features(examples)))
   if settings.split_by == "subject":
     groups = examples.subjects
   else:
@@ -125,7 +127,7 @@ def evaluate_run(
       f"labels {examples.label_name!r} ({len(np.unique(examples.labels))} classes); "
       f"{len(rows)} rows x {len(settings.protocols)} protocols x {settings.repeats} splits"
     )
-  bench = probes.run_benchmark(
+  bench = run_benchmark(
     rows, examples.labels, groups, protocols=settings.protocols, repeats=settings.repeats,
     seed=settings.seed, val_fraction=settings.val_fraction,
     test_fraction=settings.test_fraction, train_subjects=settings.train_subjects,
@@ -255,12 +257,12 @@ class ProbeEvaluator:
     check_settings(self.settings)
     self._task, self._info, self._config = task, info, config
     self._mesh, self._rules = mesh, rules
-    self._examples: features.ExampleSet | None = None
+    self._examples: examples_lib.ExampleSet | None = None
 
   def run(self, state, step: int) -> Iterator[tuple[str, float]]:
     s = self.settings
     if self._examples is None:
-      self._examples = features.load_examples(
+      self._examples = examples_lib.load_examples(
         self._config, self._info, s.labels, crops=s.crops, crop_frames=s.crop_frames,
         max_per_subject=s.max_per_subject, seed=s.seed,
       )  # fmt: skip
@@ -284,3 +286,116 @@ class _RunView:
   step: int
   mesh: Any
   rules: Any
+
+
+@dataclasses.dataclass
+class FeatureRow:
+  """One table row: vectors (n, K, F), tokens ((n, K, N, D), (n, K, N)), or n/a + why."""
+
+  name: str
+  kind: str  # "vector" | "tokens"
+  data: Any = None
+  na_reason: str | None = None
+
+
+def _select(x, idx: np.ndarray):
+  return jax.tree.map(lambda a: np.asarray(a)[idx], x)
+
+
+def run_benchmark(
+  rows: Sequence[FeatureRow],
+  labels: np.ndarray,
+  subjects: np.ndarray,
+  *,
+  protocols: Sequence[str],
+  repeats: int = 3,
+  seed: int = 0,
+  val_fraction: float = 0.2,
+  test_fraction: float = 0.2,
+  train_subjects: int | None = None,
+  options: probes.ProbeOptions | None = None,
+  log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+  """Every (row, protocol) on the same `repeats` subject splits (seeds seed..seed+R-1).
+
+  Returns {"rows": {row: {protocol: {"mean", "sd", "test", "val", "chosen"} | {"na": why}}},
+  "splits": [{"seed", "subjects": {split: ids}, "examples": {split: count}}], "chance",
+  "num_classes", "classes"}. sd is the population sd over repeats (np.std, as Semantoks).
+  train_subjects: every probe trains on that many training subjects (probes.subject_splits), and
+  the logistic probe does not refit on train + val.
+  """
+  options = probes.ProbeOptions() if options is None else options
+  unknown = [p for p in protocols if p not in probes.PROTOCOLS]
+  if unknown:
+    raise KeyError(f"unknown protocols {unknown}; known: {sorted(probes.PROTOCOLS)}")
+  if train_subjects is not None:  # val selects; it must not join the few training subjects
+    options = dataclasses.replace(options, logistic_refit_on_val=False)
+  labels = np.asarray(labels)
+  classes = np.unique(labels)
+  y = np.searchsorted(classes, labels).astype(np.int32)
+  num_classes = len(classes)
+  if num_classes < 2:
+    raise ValueError(f"probes: need at least 2 classes in the labels, found {classes.tolist()}")
+  splits = []
+  for r in range(repeats):
+    s = probes.subject_splits(
+      subjects, seed + r, val_fraction=val_fraction, test_fraction=test_fraction,
+      labels=labels, train_subjects=train_subjects,
+    )  # fmt: skip
+    idx = probes.split_indices(subjects, s)
+    splits.append({"seed": seed + r, "subjects": s, "indices": idx})
+  # Every split's training set fits in the largest one: one compilation per row shape.
+  crops = {int(np.shape(jax.tree.leaves(r.data)[0])[1]) for r in rows if r.data is not None}
+  capacity = max(len(s["indices"]["train"]) for s in splits) * max(crops | {1})
+  out_rows: dict[str, dict[str, Any]] = {}
+  for row in rows:
+    cells: dict[str, Any] = {}
+    for protocol in protocols:
+      if row.na_reason is not None:
+        cells[protocol] = {"na": row.na_reason}
+        continue
+      if probes.PROTOCOL_INPUT[protocol] != row.kind:
+        why = (
+          "needs per-token features (see the tokens row)"
+          if row.kind == "vector"
+          else "takes vectors (see the cls/mean rows)"
+        )
+        cells[protocol] = {"na": why}
+        continue
+      tests, vals, chosen, notes = [], [], [], []
+      start = time.perf_counter()
+      for split in splits:
+        data = {k: (_select(row.data, i), y[i]) for k, i in split["indices"].items()}
+        res = probes.PROTOCOLS[protocol](data, num_classes, split["seed"], options, capacity)
+        tests.append(res.test)
+        vals.append(res.val)
+        chosen.append(res.chosen)
+        notes.append(res.notes)
+      cells[protocol] = {
+        "mean": float(np.mean(tests)),
+        "sd": float(np.std(tests)),
+        "test": [float(t) for t in tests],
+        "val": [float(v) for v in vals],
+        "chosen": chosen,
+        "notes": notes,
+      }
+      if log is not None:
+        log(
+          f"[boldjax.evaluate] {row.name:>18s} {protocol:<9s} balanced accuracy "
+          f"{np.mean(tests):.3f} +- {np.std(tests):.3f} ({time.perf_counter() - start:.1f}s)"
+        )
+    out_rows[row.name] = cells
+  return {
+    "rows": out_rows,
+    "splits": [
+      {
+        "seed": s["seed"],
+        "subjects": {k: np.asarray(v).tolist() for k, v in s["subjects"].items()},
+        "examples": {k: int(len(v)) for k, v in s["indices"].items()},
+      }
+      for s in splits
+    ],
+    "chance": 1.0 / num_classes,
+    "num_classes": num_classes,
+    "classes": classes.tolist(),
+  }
