@@ -17,7 +17,10 @@ setup(
   description="JAX/Flax training stack for fMRI foundation models",
   long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
   long_description_content_type="text/markdown",
-  packages=find_packages(include=["boldjax", "boldjax.*", "configs", "launch"]),
+  # configs/ and launch/ stay in the repository (run from its root): experiment files to copy
+  # and edit, not modules to import; installing them would claim the top-level names
+  # `configs` and `launch` in site-packages.
+  packages=find_packages(include=["boldjax", "boldjax.*"]),
   python_requires=">=3.11",
   install_requires=REQUIREMENTS,
   extras_require={

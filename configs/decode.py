@@ -9,7 +9,7 @@ subjects (the few-subject regime of the original's Fig. 5); `pooling` is what th
 sees: "cls" (the original) or "mean" over the frames' hidden states.
 """
 
-from configs.lfb_common import base_config
+from boldjax.parcellated_config import base_config
 
 
 def get_config(arg=None):

@@ -27,7 +27,7 @@ tokenizer kernels (Conv1d k=3, SLConv 3 scales x 4 taps = 16), 8 probe crops, ru
 
 import ml_collections
 
-from configs.lfb_common import base_config
+from boldjax.parcellated_config import base_config
 
 
 def get_config(arg=None):

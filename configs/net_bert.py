@@ -3,7 +3,7 @@
 `python -m boldjax.main --config=configs/net_bert.py`.
 """
 
-from configs.lfb_common import base_config
+from boldjax.parcellated_config import base_config
 
 
 def get_config(arg=None):

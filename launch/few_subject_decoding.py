@@ -47,7 +47,7 @@ _STEPS = flags.DEFINE_integer("steps", 300, "Decoding steps, the same for both a
 _EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out evaluation interval.")
 _SPLIT = flags.DEFINE_string("split", "test", "Held-out split to report.")
 _SYNTHETIC = flags.DEFINE_string(
-  "synthetic", "activation", "Synthetic regime of every run (configs/lfb_common.py)."
+  "synthetic", "activation", "Synthetic regime of every run (boldjax/parcellated_config.py)."
 )
 _SET = flags.DEFINE_multi_string("set", [], "key=value config overrides for every run.")
 _DECODE_SET = flags.DEFINE_multi_string(
@@ -92,7 +92,7 @@ def _run(cmd: list[str], log_path: str) -> None:
 
 def check_flags() -> None:
   """Everything a child run would refuse, refused before any folder is made."""
-  from configs.lfb_common import SYNTHETIC_REGIMES
+  from boldjax.parcellated_config import SYNTHETIC_REGIMES
 
   unknown = [a for a in _ARMS.value if a not in ARMS]
   if unknown:

@@ -28,9 +28,6 @@ FORMATS = ("safetensors", "npz", "pt", "wrapped.pt")
 LFB = {"lfb_gpt_csm": "csm", "lfb_bert": "seq_bert", "lfb_netbert": "net_bert"}
 LFB_ALL = {**LFB, "lfb_autoencoder": "autoencoder"}
 
-if str(REPO) not in sys.path:  # configs/*.py import configs.lfb_common
-  sys.path.insert(0, str(REPO))
-
 
 def _have(case: str) -> bool:
   """Run the test: the fixture is there, or parity is required (and a missing one fails)."""
