@@ -8,9 +8,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from run_helpers import gpt_runlocal
 
 from boldjax import build, sharding, train, workdir
-from configs import gpt_small
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = {
@@ -22,15 +22,11 @@ STRATEGIES = {
 
 
 def _config(mesh):
-  config = gpt_small.get_config("runlocal")
-  config.unlock()
-  config.mesh = mesh
-  config.total_steps = 3
-  config.checkpoint_every = 3
-  config.model.num_heads = 4  # divisible by the tensor axis
-  config.evals.val.every_steps = 3
-  config.lock()
-  return config
+  return gpt_runlocal(**{
+    "mesh": mesh, "total_steps": 3, "checkpoint_every": 3,
+    "model.num_heads": 4,  # divisible by the tensor axis
+    "evals.val.every_steps": 3,
+  })  # fmt: skip
 
 
 @pytest.fixture(scope="module")

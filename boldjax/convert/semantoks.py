@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from boldjax.convert.tree import get_path, set_path
+from boldjax.models import network_tokenizer as nt
 from boldjax.models import semantoks as sm
 
 Rule = tuple[str, tuple[str, ...], Callable[[np.ndarray], np.ndarray], Callable[..., np.ndarray]]
@@ -78,7 +79,7 @@ def semantoks_kwargs(
     ck["tokenizer_config"] = [
       {"type": "dense", "kernel_size": 3, "depthwise": False, "out_channels": ck["embedding_dim"]}
     ]
-  branches = sm.branches_from_config(ck["tokenizer_config"], f"{where}.tokenizer_config")
+  branches = nt.branches_from_config(ck["tokenizer_config"], f"{where}.tokenizer_config")
   D = int(ck["embedding_dim"])
   if sum(b.out_channels for b in branches) != D:
     raise ValueError(
@@ -88,7 +89,7 @@ def semantoks_kwargs(
   if ck.get("global_pooling", "cls") != "cls":
     raise ValueError(f"{where}.global_pooling: expected 'cls', found {ck['global_pooling']!r}")
   patch, T = int(ck["patch_size"]), int(ck["target_time_length"])
-  rois = sm.network_rois_from_map(np.asarray(network_map))
+  rois = nt.network_rois_from_map(np.asarray(network_map))
   if sorted(np.unique(np.asarray(network_map)).tolist()) != list(range(len(rois))):
     raise ValueError(f"{source}: network ids must be 0..N-1, found {np.unique(network_map)}")
   encoder = dict(
@@ -283,7 +284,7 @@ def _kernel_norm(
   b = enc_kw["branches"][i]
   kernels = [sd[f"{sp}.kernel_list.{j}"] for j in range(b.num_scales)]
   R = kernels[0].shape[1]
-  k = np.asarray(sm.slconv_kernel(kernels, sm.slconv_multiplier(b.decay_min, b.decay_max, R)))
+  k = np.asarray(nt.slconv_kernel(kernels, nt.slconv_multiplier(b.decay_min, b.decay_max, R)))
   return np.linalg.norm(k, axis=-1, keepdims=True).astype(np.float32)
 
 
@@ -315,7 +316,7 @@ def _check_extras(
     for i, b in enumerate(enc_kw["branches"]):
       key = f"{enc_prefix}.network_tokenizers.{atlases[0]}.{n}.branches.{i}.slconv.multiplier"
       if b.type == "sgconv" and key in sd:
-        mult = sm.slconv_multiplier(b.decay_min, b.decay_max, len(rois)).reshape(1, -1, 1)
+        mult = nt.slconv_multiplier(b.decay_min, b.decay_max, len(rois)).reshape(1, -1, 1)
         _check_close(sd, key, mult, source, f"linspace({b.decay_min}, {b.decay_max})")
         used.add(key)
   alias = head_prefix.replace("_predictor", "_mask_predictor")

@@ -444,21 +444,10 @@ class BoldDataset:
   """An opened parcellated dataset directory: meta, index and random-access splits."""
 
   def __init__(self, path: str):
-    self.path = os.path.abspath(path)
-    meta_path = os.path.join(self.path, "meta.json")
-    index_path = os.path.join(self.path, "index.json")
-    for p in (meta_path, index_path):
-      if not os.path.exists(p):
-        raise FileNotFoundError(f"{p}: missing; is {self.path} a boldjax parcellated dataset?")
-    with open(meta_path) as f:
-      self.meta: dict[str, Any] = json.load(f)
-    version = self.meta.get("format_version")
-    if version != FORMAT_VERSION or "num_parcels" not in self.meta:
-      raise ValueError(
-        f"{meta_path}: field 'format_version' expected {FORMAT_VERSION} (a parcellated "
-        f"dataset), found {version!r}"
-      )
-    with open(index_path) as f:
+    self.path, self.meta = store.read_meta(
+      path, what="parcellated", version=FORMAT_VERSION, files=("index.json",), needs="num_parcels"
+    )
+    with open(os.path.join(self.path, "index.json")) as f:
       self.index: dict[str, dict[str, list]] = json.load(f)
 
   @property

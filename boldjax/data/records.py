@@ -14,7 +14,6 @@ backgrounds are constant, and TFDS would otherwise upcast uint8 to int64).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -228,19 +227,10 @@ class FlatDataset:
   """An opened flat-map dataset directory: mask, meta and random-access splits."""
 
   def __init__(self, path: str):
-    self.path = os.path.abspath(path)
-    meta_path = os.path.join(self.path, "meta.json")
+    self.path, self.meta = store.read_meta(
+      path, what="flat-map", version=FORMAT_VERSION, files=("mask.npy",)
+    )
     mask_path = os.path.join(self.path, "mask.npy")
-    for p in (meta_path, mask_path):
-      if not os.path.exists(p):
-        raise FileNotFoundError(f"{p}: missing; is {self.path} a boldjax flat-map dataset?")
-    with open(meta_path) as f:
-      self.meta: dict[str, Any] = json.load(f)
-    version = self.meta.get("format_version")
-    if version != FORMAT_VERSION:
-      raise ValueError(
-        f"{meta_path}: field 'format_version' expected {FORMAT_VERSION}, found {version!r}"
-      )
     self.mask: np.ndarray = np.load(mask_path).astype(bool)
     expected = (self.meta["height"], self.meta["width"])
     if self.mask.shape != expected:

@@ -193,6 +193,26 @@ def write_dataset(
 # ------------------------------------------------------------------------------------------
 # Reading.
 # ------------------------------------------------------------------------------------------
+def read_meta(
+  path: str, *, what: str, version: int, files: tuple[str, ...] = (), needs: str | None = None
+) -> tuple[str, dict[str, Any]]:
+  """(absolute path, meta.json) of a dataset directory of one kind: meta.json and `files`
+  present, the kind's format_version (and meta field `needs`, when given)."""
+  path = os.path.abspath(path)
+  meta_path = os.path.join(path, "meta.json")
+  for p in (meta_path, *(os.path.join(path, f) for f in files)):
+    if not os.path.exists(p):
+      raise FileNotFoundError(f"{p}: missing; is {path} a boldjax {what} dataset?")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  found = meta.get("format_version")
+  if found != version or (needs is not None and needs not in meta):
+    raise ValueError(
+      f"{meta_path}: field 'format_version' expected {version} (a {what} dataset), found {found!r}"
+    )
+  return path, meta
+
+
 _OPEN_LOCK = threading.Lock()
 
 
