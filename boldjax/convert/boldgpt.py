@@ -13,12 +13,21 @@ The buffers patchify.* become a PatchLayout and tokenizer.vocab a KMeansTokenize
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from boldjax import registry
+from boldjax.cli import InputError
+from boldjax.convert.converter import (
+  Converted,
+  Converter,
+  fail_fields,
+  mismatches,
+)
 from boldjax.data.patching import PatchLayout
 from boldjax.data.tokenizer import KMeansTokenizer
 
@@ -348,3 +357,113 @@ def model_kwargs_from_spec(spec: Mapping[str, Any], source: str = "spec.json") -
     raise ValueError(f"{source}: derived.gelu must start with 'exact' or 'tanh', found {gelu!r}")
   kwargs["gelu_approximate"] = gelu.startswith("tanh")
   return kwargs
+
+
+TOKENIZER_FILE = "tokenizer.npz"  # boldGPT: the checkpoint's vocabulary, in the workdir
+
+
+class BoldGptConverter(Converter):
+  """clane9/boldGPT IGPT `.pt`: decoder.* weights, patchify.* layout, tokenizer.vocab."""
+
+  name = "boldgpt"
+  tasks = ("next_patch",)
+
+  def convert(self, sd, task, fresh, fresh_extra, info, options, source) -> Converted:
+    del fresh, fresh_extra, options
+    m = task.model
+    params, extras = convert_boldgpt(sd, num_heads=m.num_heads, source=source)
+    kw = extras["model_kwargs"]
+    problems = mismatches(
+      [
+        ("config.task.target (categorical)", m.categorical, kw["categorical"]),
+        ("config.model.embed_dim", m.embed_dim, kw["embed_dim"]),
+        ("config.model.depth", m.depth, kw["depth"]),
+        ("config.model.mlp_ratio", float(m.mlp_ratio), float(kw["mlp_ratio"])),
+        ("config.model.num_registers", m.num_registers, kw["num_registers"]),
+        ("config.model.with_sub_embed", m.with_sub_embed, kw["with_sub_embed"]),
+        ("config.model.with_next_pos", m.with_next_pos, kw["with_next_pos"]),
+        ("num_patches (config.data.patch_size / mask)", m.num_patches, kw["num_patches"]),
+        ("patch_dim (config.data.patch_size)", m.patch_dim, kw["patch_dim"]),
+      ]
+    )
+    if kw["with_sub_embed"]:
+      problems += mismatches([("config.model.num_subjects", m.num_subjects, kw["num_subjects"])])
+    if m.categorical:
+      problems += mismatches([("config.data.tokenizer.vocab_size", m.vocab_size, kw["vocab_size"])])
+    fail_fields(source, self.name, problems)
+    notes: list[str] = []
+    layout = extras["layout"]
+    if layout is not None:
+      own = info.layout
+      same = np.array_equal(np.asarray(own.mask), np.asarray(layout.mask)) and all(
+        np.array_equal(np.asarray(getattr(own, f)), np.asarray(getattr(layout, f)))
+        for f in ("patch_mask", "patch_indices")
+      )
+      if not same:
+        raise InputError(
+          f"{source}: patchify.* (the checkpoint's flat-map mask and patch order) differ from "
+          f"the layout config.data builds (mask {np.shape(own.mask)}, {own.num_patches} "
+          "patches): set config.data.path to data on the same flat map and "
+          "config.data.patch_size / ordering to the checkpoint's"
+        )
+    artifacts: dict[str, Any] = {}
+    tok = extras["tokenizer"]
+    if tok is not None:
+      artifacts[TOKENIZER_FILE] = tok.save
+      own = getattr(info, "tokenizer", None)
+      if own is None or not np.array_equal(np.asarray(own.vocab), np.asarray(tok.vocab)):
+        raise InputError(  # configure() points the pipeline at the checkpoint's vocabulary
+          f"{source}: tokenizer.vocab expected to be the vocabulary config.data uses, found "
+          "a different one (config.data.tokenizer.path)"
+        )
+    return Converted(params, None, notes, artifacts)
+
+  def configure(self, config, sd, source, scratch) -> list:
+    """The checkpoint's tokenizer.vocab becomes config.data.tokenizer.path, so the converted
+    workdir encodes and decodes tokens with the vocabulary the weights were trained on."""
+    if "tokenizer.vocab" not in sd:
+      return []
+    from boldjax.data.tokenizer import KMeansTokenizer
+
+    try:
+      tok = KMeansTokenizer(np.asarray(sd["tokenizer.vocab"]))
+    except ValueError as e:
+      raise InputError(f"{source}: tokenizer.vocab: {e}") from e
+    tcfg = config.data.tokenizer
+    given = tcfg.get("path")
+    if given:
+      other = KMeansTokenizer.load(given)
+      if not np.array_equal(other.vocab, tok.vocab):
+        raise InputError(
+          f"{given}: config.data.tokenizer.path expected the vocabulary of {source} "
+          f"(tokenizer.vocab {tok.vocab.shape}), found a different one {other.vocab.shape} "
+          "(leave it unset: the converter uses the checkpoint's)"
+        )
+    path = os.path.join(scratch, TOKENIZER_FILE)
+    tok.save(path)
+    notes = []
+    with config.unlocked():
+      if tcfg.get("vocab_size") != tok.vocab_size:
+        notes.append(
+          f"config.data.tokenizer.vocab_size={tcfg.get('vocab_size')} set to the "
+          f"checkpoint's {tok.vocab_size}"
+        )
+      tcfg.vocab_size = tok.vocab_size
+      tcfg.path = path
+    self._scratch_path = path
+    notes.append(
+      f"config.data.tokenizer.path = WORKDIR/{TOKENIZER_FILE} (the checkpoint's "
+      f"tokenizer.vocab, {tok.vocab_size} x {tok.dim}; not fitted)"
+    )
+    return notes
+
+  def finalize_config(self, config, workdir) -> None:
+    if getattr(self, "_scratch_path", None) and config.data.tokenizer.get("path") == (
+      self._scratch_path
+    ):
+      with config.unlocked():
+        config.data.tokenizer.path = os.path.join(workdir, TOKENIZER_FILE)
+    self._scratch_path = None
+
+
+registry.register("converter", "boldgpt")(BoldGptConverter())

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from boldjax.cli import InputError, one_line, run_argparse
-from boldjax.convert import families, files
+from boldjax.convert import converter as converter_lib
+from boldjax.convert import files
 
 PROG = "boldjax.convert"
 MARKER = "converted.json"
@@ -80,7 +81,9 @@ def _flat(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]
   return out
 
 
-def check_tree(want: Any, have: Any, what: str, source: str, converter: families.Converter) -> None:
+def check_tree(
+  want: Any, have: Any, what: str, source: str, converter: converter_lib.Converter
+) -> None:
   """Every path and shape of `want` (the task's fresh tree) present in `have`, nothing more."""
   w, h = _flat(want), _flat(have)
 
@@ -124,7 +127,7 @@ def _cast_like(tree: Any, like: Any) -> Any:
   return jax.tree.map(lambda v, ref: np.asarray(v, dtype=ref.dtype), tree, like)
 
 
-def build_state(config: Any, converter: families.Converter, sd, options, source: str):
+def build_state(config: Any, converter: converter_lib.Converter, sd, options, source: str):
   """(TrainState with the converted weights, Converted) for the config's task."""
   import jax
 
@@ -229,7 +232,7 @@ def main(argv: Sequence[str]) -> int:
     notes.append(f"dropped {len(gone)} keys {prefix}* (--drop)")
   config = load_config(args.config, config_args)
   converter.check_task(config)
-  options = families.Options(encoder=args.encoder, atlas=args.atlas, drop=tuple(args.drop))
+  options = converter_lib.Options(encoder=args.encoder, atlas=args.atlas, drop=tuple(args.drop))
   scratch = tempfile.mkdtemp(prefix="boldjax-convert-")
   try:
     # Files the data pipeline must read while the state is built (boldGPT's vocabulary).

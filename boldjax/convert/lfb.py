@@ -22,6 +22,15 @@ from typing import Any
 
 import numpy as np
 
+from boldjax import registry
+from boldjax.cli import InputError
+from boldjax.convert.converter import (
+  Converted,
+  Converter,
+  fail_fields,
+  fresh_graft,
+  mismatches,
+)
 from boldjax.convert.tree import get_path, set_path
 
 STYLES = {"CSM": "csm", "BERT": "bert", "NetBERT": "netbert", "autoencoder": "autoencoder"}
@@ -338,3 +347,90 @@ def model_kwargs_from_spec(spec: Mapping[str, Any], source: str = "spec.json") -
     unembed_layers=int(cfg.get("num_hidden_layers_unembedding_model", 1)),
     hidden_activation=str(cfg.get("hidden_activation", "gelu_new")),
   )
+
+
+def lfb_backbones() -> tuple[str, ...]:
+  return ("csm", "seq_bert", "net_bert", "autoencoder")
+
+
+class LfbConverter(Converter):
+  """athms/learning-from-brains `pytorch_model.bin` of one backbone (CSM / BERT / ...)."""
+
+  decode_backbone = True
+
+  def __init__(self, name: str):
+    from boldjax.tasks.decode import BACKBONES
+
+    self.name, self.tasks, self.style = name, (name,), BACKBONES[name]
+    self._rules: dict[tuple[str, ...], str] = {}
+
+  def convert(self, sd, task, fresh, fresh_extra, info, options, source) -> Converted:
+    del fresh_extra
+    m = task.model
+    st = infer_structure(sd, source)
+    if st["style"] != self.style:
+      raise InputError(
+        f"{source}: family {self.name!r} expects a {self.style} model, found a "
+        f"{st['style']} state_dict (pick the family that matches the file)"
+      )
+    notes: list[str] = []
+    problems = mismatches(
+      [
+        ("config.model.embedding_dim", m.embed_dim, st["embed_dim"]),
+        ("config.model.num_hidden_layers", m.num_layers, st["num_layers"]),
+        ("config.model.num_hidden_layers_embedding_model", m.embed_layers, st["embed_layers"]),
+        ("info.num_parcels (config.data)", m.in_dim, st["in_dim"]),
+        (
+          "config.model.tr_max / tr_precision (TR table rows)",
+          int(m.tr_max / m.tr_precision) + 1,
+          st["num_tr_embeddings"],
+        ),
+      ]
+    )
+    if m.architecture != "autoencoder" or st["unembed_layers"]:
+      problems += mismatches(
+        [
+          (
+            "config.model.num_hidden_layers_unembedding_model",
+            m.unembed_layers,
+            st["unembed_layers"],
+          )
+        ]
+      )
+    head_keys = ("decoding_head",)
+    if st["num_classes"] and not m.num_classes:
+      problems.append(
+        f"the file holds a {st['num_classes']}-class decoding head (decoder.decoding_head.*) "
+        f"that task {task.name!r} has no place for: convert with "
+        f"--config=configs/decode.py:backbone={self.name} to keep it, or pass "
+        "--drop=decoder.decoding_head to leave it out"
+      )
+    elif st["num_classes"] and m.num_classes != st["num_classes"]:
+      problems.append(
+        f"info.num_classes (config.data)={m.num_classes} but the checkpoint's decoding head "
+        f"has {st['num_classes']} classes"
+      )
+    fail_fields(source, self.name, problems)
+    params, st = convert_lfb(sd, num_heads=m.num_heads, source=source)
+    self._rules = {
+      path: name.split("#")[0]
+      for name, path, *_ in rules_for(
+        st["style"],
+        num_layers=st["num_layers"],
+        num_heads=m.num_heads,
+        embed_layers=st["embed_layers"],
+        unembed_layers=st["unembed_layers"],
+        num_classes=m.num_classes,
+      )
+    }
+    if m.num_classes and not st["num_classes"]:
+      params = fresh_graft(params, fresh, head_keys)
+      notes.append("decoding_head: not in the checkpoint, freshly initialised")
+    return Converted(params, None, notes)
+
+  def torch_name(self, path):
+    return self._rules.get(tuple(path))
+
+
+for _name in lfb_backbones():
+  registry.register("converter", _name)(LfbConverter(_name))

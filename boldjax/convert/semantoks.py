@@ -21,12 +21,20 @@ Keys recognised and skipped on purpose (any other unused key is an error):
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import numpy as np
 
+from boldjax import registry
+from boldjax.cli import InputError
+from boldjax.convert.converter import (
+  Converted,
+  Converter,
+)
 from boldjax.convert.tree import get_path, set_path
 from boldjax.models import network_tokenizer as nt
 from boldjax.models import semantoks as sm
@@ -354,3 +362,83 @@ def params_to_torch(
   for base, parts in packed.items():
     out[base] = np.concatenate(parts, axis=0)
   return out
+
+
+class SemantoksConverter(Converter):
+  """SamGijsen/Brain-Semantoks SimDINOModel: one encoder + its DINO head (teacher default)."""
+
+  name = "semantoks"
+  tasks = ("dino",)
+  ROLES = ("teacher", "student")
+
+  def convert(self, sd, task, fresh, fresh_extra, info, options, source) -> Converted:
+    del fresh
+    role = options.encoder
+    if role not in self.ROLES:
+      raise InputError(f"--encoder: expected one of {list(self.ROLES)}, found {role!r}")
+    other = [r for r in self.ROLES if r != role][0]
+    mine = (f"{role}_encoder.", f"{role}_predictor.", f"{role}_mask_predictor.")
+    theirs = (f"{other}_encoder.", f"{other}_predictor.", f"{other}_mask_predictor.")
+    if not any(k.startswith(mine[0]) for k in sd):
+      raise InputError(
+        f"{source}: --encoder={role}: expected {mine[0]}* keys, found none (keys start with "
+        f"{sorted({k.split('.')[0] for k in sd})})"
+      )
+    # Only the chosen role is converted: its keys also stand in for the other role.
+    picked = {k: v for k, v in sd.items() if not k.startswith(theirs)}
+    skipped = len(sd) - len(picked)
+    both = dict(picked)
+    for k, v in picked.items():
+      for a, b in zip(mine, theirs, strict=True):
+        if k.startswith(a):
+          both[b + k[len(a) :]] = v
+    atlases = self._atlases(picked, role, options.atlas, source)
+    enc = task.encoder
+    enc_kw = {
+      f.name: getattr(enc, f.name)
+      for f in dataclasses.fields(enc)
+      if f.name not in ("parent", "name")
+    }
+    head = task.head
+    kwargs = {
+      "encoder": enc_kw,
+      "head": {"hidden_dim": head.hidden_dim, "bottleneck_dim": head.bottleneck_dim,
+               "nlayers": head.nlayers},
+      "atlas_names": atlases,
+    }  # fmt: skip
+    self._rules = {}
+    p_rules, b_rules = encoder_rules(f"{role}_encoder", enc_kw, atlases[0])
+    for name, path, *_ in p_rules:
+      self._rules[("encoder", *path)] = name.split("#")[0]
+    for name, path, *_ in head_rules(f"{role}_predictor", head.nlayers):
+      self._rules[("head", *path)] = name
+    conv = semantoks_params(both, kwargs, source)[role]
+    params = nn.unbox(conv["params"])
+    extra = dict(fresh_extra)
+    extra["teacher"] = params  # the loaded encoder is both student and EMA teacher
+    extra["buffers"] = conv["buffers"]
+    if "step" in extra:  # the EMA's step counter: a converted workdir is at step 0
+      extra["step"] = np.zeros(extra["step"].shape, extra["step"].dtype)
+    notes = [f"took the {role} encoder and predictor (atlas {atlases[0]!r})"]
+    if skipped:
+      notes.append(f"left out {skipped} {other}_* keys (--encoder={role})")
+    return Converted(params, extra, notes)
+
+  def _atlases(self, sd, role: str, atlas: str | None, source: str) -> tuple[str, ...]:
+    prefix = f"{role}_encoder.network_tokenizers."
+    found = list(dict.fromkeys(k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)))
+    if atlas is None:
+      from boldjax.data.semantoks_layout import ATLASES
+
+      atlas = found[0] if len(found) == 1 else (ATLASES[0] if ATLASES[0] in found else None)
+      if atlas is None:
+        raise InputError(f"{source}: several atlases {found}: pass --atlas=NAME (the used one)")
+    if atlas not in found:
+      raise InputError(f"--atlas: expected one of {found} ({source}), found {atlas!r}")
+    return (atlas, *[a for a in found if a != atlas])
+
+  def torch_name(self, path):
+    return getattr(self, "_rules", {}).get(tuple(path))
+
+
+registry.register("converter", "semantoks")(SemantoksConverter())

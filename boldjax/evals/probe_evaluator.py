@@ -74,9 +74,7 @@ def model_rows(prefix: str, feats: dict[str, np.ndarray]) -> list[FeatureRow]:
     if k not in ("tokens", "token_mask")
   ]
   if "tokens" in feats:
-    rows.append(
-      FeatureRow(f"{prefix}tokens", "tokens", (feats["tokens"], feats["token_mask"]))
-    )
+    rows.append(FeatureRow(f"{prefix}tokens", "tokens", (feats["tokens"], feats["token_mask"])))
   return rows
 
 
