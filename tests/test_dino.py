@@ -109,6 +109,7 @@ def test_dino_runlocal_trains_and_loss_falls(tmp_path):
 
   config = dino_small.get_config("runlocal")
   config.total_steps = 40
+  config.checkpoint_every = 40  # runlocal's 2 would write 20 checkpoints (~1 min of CI)
   config.log_every = 10
   config.evals.val.every_steps = 40
   out = train.run(config, str(tmp_path / "dino"))
