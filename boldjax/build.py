@@ -112,13 +112,13 @@ def build_run(
     example = next(iter(train_dataset(data, config, info, per_process)))
   example = state_lib.global_example(example)
   task = registry.get("task", config.task.name)(config, info)
-  tx, schedule = optim.make_optimizer(
-    config.optim, config.total_steps, state_lib.trainable_mask(task, example)
-  )
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  batch_sharding = sharding.batch_sharding(mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    spec = state_lib.make_state_spec(task, tx, example, init_rng, mesh, rules)
+    boxed = jax.eval_shape(task.init, init_rng, example)  # traced once: mask and spec
+    trainable = task.trainable(state_lib.strip_boxes(boxed[0]))
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps, trainable)
+    spec = state_lib.make_state_spec(task, tx, example, init_rng, mesh, rules, boxed=boxed)
+  batch_sharding = sharding.batch_sharding(mesh)
   step = state_lib.make_train_step(task, tx, schedule, step_rng, config.optim.accum_steps)
   train_step = jax.jit(
     step,

@@ -36,9 +36,14 @@ class StateSpec:
   abstract: TrainState  # ShapeDtypeStructs with shardings: the restore target
 
 
-def make_state_spec(task, tx: optax.GradientTransformation, example, rng, mesh: Mesh, rules):
-  """Shardings from the task's logical axis names; call inside the mesh/rules context."""
-  boxed = jax.eval_shape(task.init, rng, example)
+def make_state_spec(
+  task, tx: optax.GradientTransformation, example, rng, mesh: Mesh, rules, boxed=None
+):
+  """Shardings from the task's logical axis names; call inside the mesh/rules context.
+
+  boxed: jax.eval_shape(task.init, rng, example) when the caller has it already."""
+  if boxed is None:
+    boxed = jax.eval_shape(task.init, rng, example)
   params_sh = sharding.tree_shardings(boxed[0], mesh, rules)
   extra_sh = sharding.tree_shardings(boxed[1], mesh, rules)
   # Frozen params (optax.multi_transform) leave MaskedNode placeholders in the state.

@@ -1,17 +1,6 @@
-"""Labelled examples of a run's data and the task's features for every one of them.
-
-All splits of the run's dataset are pooled: probes re-split them by subject themselves.
-An example is one labelled unit -- a task block (decode mode), a run, or a flat map -- with
-K crops of it (K = 1 unless multi-crop is asked for). Inputs are built exactly as the
-training pipelines build them (same z-scoring, padding, patch layout, tokenizer), so
-`task.features(params, batch)` sees the batches it was trained on.
-
-Label sources are registered as registry.register("labels", name): a LabelSource says which
-data kind it applies to, which unit it labels and how it labels candidate examples from
-their metadata columns (subject, subject_id, run, label). A path to a CSV file
-(columns subject[,run],label) is accepted wherever a name is, and so is a label key the
-importer kept per run in the dataset's meta 'run_labels' (a Brain-Semantoks HDF5's keys).
-"""
+"""The task's features for every labelled example (evals.examples), extracted jitted and
+sharded over the mesh's data axes, batch by batch, on the params `task.feature_params`
+gives."""
 
 from __future__ import annotations
 
@@ -23,20 +12,6 @@ import jax
 import numpy as np
 
 from boldjax.evals.examples import ExampleSet
-
-# -----------------------------------------------------------------------------------------
-# Label sources.
-# -----------------------------------------------------------------------------------------
-
-
-# -----------------------------------------------------------------------------------------
-# Examples.
-# -----------------------------------------------------------------------------------------
-
-
-# -----------------------------------------------------------------------------------------
-# Features.
-# -----------------------------------------------------------------------------------------
 
 
 def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:

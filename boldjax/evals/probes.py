@@ -1,4 +1,5 @@
-"""Probes on frozen features, pure functions of arrays: subject splits, heads, protocols.
+"""Probes on frozen features, pure functions of arrays: subject splits and protocols (the
+heads they train are in evals/heads.py).
 
 Features come as arrays with a crop axis: vectors (n, K, F) or tokens ((n, K, N, D),
 mask (n, K, N)); K = 1 without multi-crop. Each crop is a separate training sample; an
@@ -190,14 +191,49 @@ def split_indices(subjects: np.ndarray, split: dict[str, np.ndarray]) -> dict[st
 
 
 # -----------------------------------------------------------------------------------------
-# Heads trained with JAX (one per learning rate, vmapped).
-# -----------------------------------------------------------------------------------------
-
-
-# -----------------------------------------------------------------------------------------
 # Protocols: fn(data, num_classes, seed, options) -> ProbeResult.
 # data = {"train" | "val" | "test": (features, labels)}.
 # -----------------------------------------------------------------------------------------
+
+
+def _fit_select(
+  head,
+  optimizer: str,
+  lrs,
+  weight_decay: float,
+  data: dict[str, Split],
+  batches: np.ndarray,
+  seed: int,
+  capacity: int,
+) -> ProbeResult:
+  """Train one head per lr on train, choose on val (first best in grid order), test it."""
+  x, y, _ = flatten_crops(*data["train"])
+  keys = jax.random.split(jax.random.key(seed), len(lrs))
+  params, state, last_loss = train_heads(
+    head,
+    optimizer,
+    jnp.asarray(lrs, jnp.float32),
+    jnp.float32(weight_decay),
+    keys,
+    jax.tree.map(jnp.asarray, pad_rows(x, capacity)),
+    jnp.asarray(pad_rows(y, capacity), jnp.int32),
+    jnp.asarray(batches),
+  )
+  val_logits = predict_logits(head, params, state, data["val"][0])
+  val_scores = [score(val_logits[i], data["val"][1]) for i in range(len(lrs))]
+  best = int(np.argmax(val_scores))
+  best_params = jax.tree.map(lambda a: a[best : best + 1], params)
+  best_state = jax.tree.map(lambda a: a[best : best + 1], state)
+  test_logits = predict_logits(head, best_params, best_state, data["test"][0])[0]
+  return ProbeResult(
+    test=score(test_logits, data["test"][1]),
+    val=float(val_scores[best]),
+    chosen={"lr": float(lrs[best])},
+    notes={
+      "val_by_lr": [float(v) for v in val_scores],
+      "diverged": int(sum(not np.isfinite(v) for v in np.asarray(last_loss))),
+    },
+  )
 
 
 def linear_probe(
@@ -323,48 +359,3 @@ PROTOCOLS: dict[str, Callable[..., ProbeResult]] = {
   "attentive": attentive_probe,
   "mlp": mlp_probe,
 }
-
-
-# -----------------------------------------------------------------------------------------
-# The benchmark: rows x protocols x repeated subject splits.
-# -----------------------------------------------------------------------------------------
-
-
-def _fit_select(
-  head,
-  optimizer: str,
-  lrs,
-  weight_decay: float,
-  data: dict[str, Split],
-  batches: np.ndarray,
-  seed: int,
-  capacity: int,
-) -> ProbeResult:
-  """Train one head per lr on train, choose on val (first best in grid order), test it."""
-  x, y, _ = flatten_crops(*data["train"])
-  keys = jax.random.split(jax.random.key(seed), len(lrs))
-  params, state, last_loss = train_heads(
-    head,
-    optimizer,
-    jnp.asarray(lrs, jnp.float32),
-    jnp.float32(weight_decay),
-    keys,
-    jax.tree.map(jnp.asarray, pad_rows(x, capacity)),
-    jnp.asarray(pad_rows(y, capacity), jnp.int32),
-    jnp.asarray(batches),
-  )
-  val_logits = predict_logits(head, params, state, data["val"][0])
-  val_scores = [score(val_logits[i], data["val"][1]) for i in range(len(lrs))]
-  best = int(np.argmax(val_scores))
-  best_params = jax.tree.map(lambda a: a[best : best + 1], params)
-  best_state = jax.tree.map(lambda a: a[best : best + 1], state)
-  test_logits = predict_logits(head, best_params, best_state, data["test"][0])[0]
-  return ProbeResult(
-    test=score(test_logits, data["test"][1]),
-    val=float(val_scores[best]),
-    chosen={"lr": float(lrs[best])},
-    notes={
-      "val_by_lr": [float(v) for v in val_scores],
-      "diverged": int(sum(not np.isfinite(v) for v in np.asarray(last_loss))),
-    },
-  )
