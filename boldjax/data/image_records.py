@@ -188,8 +188,9 @@ def write_stimulus_dataset(
   images: random access (an array or a lazy sequence) of (H, W, 3) uint8; image_ids one
   unique int >= 0 each. size: every image is resized to (size, size) (resize_image), else all
   must share one shape. responses: random access of (N,) rows, one per image (and
-  `vertices`, check_vertices, when they sit on a surface); response_space names their space
-  in meta. Splits: `assignment` (0/1/2 per image) or split_assignment(fractions, split_seed).
+  `vertices`, check_vertices, when they sit on a surface); response_space (default: meta
+  'space') names their space in meta 'response'. Splits: `assignment` (0/1/2 per image)
+  or split_assignment(fractions, split_seed).
   A lazy `images` may offer iter_positions(positions) -> the images at those increasing
   positions, one per split (read in chunks). extra_files: file name -> writer(path), run in
   the tmp dir. meta: extra fields ('name', 'source', ...).
@@ -300,7 +301,7 @@ def write_stimulus_dataset(
       if num_vertices is None
       else {
         "num_vertices": num_vertices,
-        "space": response_space,
+        "space": response_space or str(meta.get("space", "")),
         "dtype": "float32",
         "has_vertices": verts is not None,
       },

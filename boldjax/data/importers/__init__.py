@@ -10,6 +10,10 @@ and one line in the import list below.
   nsd_flat               NSD-Flat parquet / arrow -> flat maps
   synthetic_flat         the embedded synthetic flat maps
   synthetic_parcellated  the embedded synthetic parcellated runs
+  images                 a folder of PNG/JPEG -> image stimuli
+  nsd_images             NSD's nsd_stimuli.hdf5 brick -> image stimuli
+  synthetic_images       the embedded synthetic image stimuli
+  algonauts              Algonauts 2023 subject folder -> image stimuli + fsaverage responses
 
 Every parcellated importer scans subjects first, splits them subject-wise (seeded; val/test
 fractions), then streams records into bold_records.build_bold_dataset, which refuses
@@ -18,8 +22,10 @@ the expected and the found value.
 """
 
 from boldjax.data.importers import (  # noqa: F401  (registration)
+  algonauts,
   cifti,
   hdf5,
+  images,
   nifti,
   nsd_flat,
   synthetic,
