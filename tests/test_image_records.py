@@ -266,6 +266,8 @@ def test_nsd_brick_import_rows_indices_limit(tmp_path, capsys, monkeypatch):
                   r"'--indices' expected rows in 0\.\.10, found 3\.\.11", bad)  # fmt: skip
   prepare_refuses(capsys, ["nsd_images", path, f"--out={bad}", "--indices=3,3"],
                   "'--indices' expected each row once", bad)  # fmt: skip
+  prepare_refuses(capsys, ["nsd_images", path, f"--out={bad}", "--val-fraction=0.7",
+                           "--test-fraction=0.4"], "found 0.7 and 0.4", bad)  # fmt: skip
   with h5py.File(tmp_path / "grey.hdf5", "w") as f:
     f.create_dataset("imgBrick", data=np.zeros((2, 4, 4), np.uint8))
   match = r"'imgBrick' expected \(N, H, W, 3\) uint8 .*found uint8 \(2, 4, 4\)"

@@ -55,7 +55,7 @@ def split_assignment(
   if fr.shape != (3,) or not np.all(np.isfinite(fr)) or fr.min() < 0 or abs(fr.sum() - 1) > 1e-6:
     raise InputError(
       f"split fractions: field 'fractions' expected 3 non-negative numbers (train, val, test) "
-      f"summing to 1, found {list(np.atleast_1d(fr))}"
+      f"summing to 1, found {np.atleast_1d(fr).tolist()}"
     )
   n_val, n_test = round(fr[1] * n), round(fr[2] * n)
   n_val = min(n_val, n)
@@ -233,7 +233,7 @@ def write_stimulus_dataset(
       raise ValueError(f"{name}: extra file {fname!r} must be a plain name, not one of {_RESERVED}")
   if assignment is None:
     assign = split_assignment(n, fractions, split_seed)
-    split_rule = f"image-level: fractions {list(fractions)}, seed {split_seed}"
+    split_rule = f"image-level: fractions {[float(f) for f in fractions]}, seed {split_seed}"
   else:
     assign = np.asarray(assignment)
     if assign.shape != (n,) or not np.isin(assign, (0, 1, 2)).all():

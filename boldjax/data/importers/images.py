@@ -48,10 +48,15 @@ def write_options(args: argparse.Namespace, default_name: str) -> dict[str, Any]
   if args.size < 0:
     raise InputError(f"--size: field 'size' expected pixels >= 0 (0 = as found), found {args.size}")
   val, test = args.val_fraction, args.test_fraction
+  if not (0 <= val and 0 <= test and val + test <= 1):
+    raise InputError(
+      f"--val-fraction/--test-fraction: field 'fractions' expected two fractions >= 0 with a sum "
+      f"<= 1, found {val} and {test}"
+    )
   return {
     "size": args.size or None,
     "split_seed": args.split_seed,
-    "fractions": (1.0 - val - test, val, test),
+    "fractions": (round(1.0 - val - test, 12), val, test),
     "overwrite": args.overwrite,
     "meta": {"name": args.name or default_name},
   }
