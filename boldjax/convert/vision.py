@@ -12,9 +12,9 @@ Layout differences handled here:
     (1, 1, C) and pos_embed (1, T, C); LayerNorm weight/bias become scale/bias.
 What published files carry around the tower is taken off and said in a note: open_clip's
 `visual.` prefix and its text tower, timm's classifier `head`, and facebookresearch/dinov2's
-own layout (`register_tokens`, `mask_token`, the class position inside pos_embed), which is
-folded into timm's (class position added to cls_token: exact at every image size, since
-DINOv2 never resamples the class position).
+own layout (`mask_token` dropped; with `register_tokens`, the class position inside pos_embed
+is added to cls_token as timm's _convert_dinov2 does: exact at every image size, since DINOv2
+never resamples the class position).
 Every key must be used and every param filled with the shape jax.eval_shape gives for the
 config; anything else is an InputError naming the torch key and the config field.
 """
@@ -68,7 +68,7 @@ _HINTS = (
   (re.compile(r"^(conv1|patch_embed\.proj)\.bias$"), "patch_bias"),
   (re.compile(r"(in_proj_bias|qkv\.bias)$"), "qkv_bias"),
   (re.compile(r"^(cls_token|class_embedding)$"), "class_token"),
-  (re.compile(r"^(blocks|transformer\.resblocks)\.\d+\."), "layers"),
+  (re.compile(r"^(blocks|transformer\.resblocks)\.(\d+)\."), "layers"),
 )
 
 
@@ -232,18 +232,17 @@ def _fold_dinov2(sd: dict[str, np.ndarray]) -> list[str]:
   if "mask_token" in sd:
     del sd["mask_token"]
     notes.append("dropped DINOv2's mask_token (used only in training)")
-  if "register_tokens" in sd:
-    sd["reg_token"] = sd.pop("register_tokens")
+  if "register_tokens" not in sd:
+    return notes  # no registers: timm keeps this layout (pos_embed_on='all')
+  sd["reg_token"] = sd.pop("register_tokens")
   pos, cls = sd.get("pos_embed"), sd.get("cls_token")
-  if pos is not None and cls is not None and pos.ndim == 3:
-    n = pos.shape[1] - 1
-    if math.isqrt(n) ** 2 == n:
-      sd["cls_token"] = np.asarray(cls, np.float32) + np.asarray(pos[:, :1], np.float32)
-      sd["pos_embed"] = pos[:, 1:]
-      notes.append(
-        "facebookresearch/dinov2 layout: added the class position to cls_token and kept the "
-        "patch positions (pos_embed_on='patches', as timm ships DINOv2)"
-      )
+  if pos is not None and cls is not None and pos.ndim == 3 and _is_square(pos.shape[1] - 1):
+    sd["cls_token"] = np.asarray(cls, np.float32) + np.asarray(pos[:, :1], np.float32)
+    sd["pos_embed"] = pos[:, 1:]
+    notes.append(
+      "facebookresearch/dinov2 layout with registers: added the class position to cls_token "
+      "and kept the patch positions (pos_embed_on='patches'), as timm's _convert_dinov2 does"
+    )
   return notes
 
 
@@ -261,7 +260,8 @@ def _unused_error(source: str, family: str, unused: list[str], config: ViTConfig
   hints = []
   for key in unused:
     for pattern, field in _HINTS:
-      if pattern.search(key):
+      m = pattern.search(key)
+      if m and (field != "layers" or int(m.group(2)) >= config.layers):
         hint = f"config.{field}={getattr(config, field)!r}"
         if hint not in hints:
           hints.append(hint)

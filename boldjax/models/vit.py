@@ -270,8 +270,9 @@ def init_params(config: ViTConfig, rng: jax.Array) -> Params:
   return _unbox(variables["params"])
 
 
+@functools.cache
 def abstract_params(config: ViTConfig) -> Params:
-  """jax.ShapeDtypeStruct tree of the params (nothing is allocated)."""
+  """jax.ShapeDtypeStruct tree of the params (nothing is allocated; cached per config)."""
   return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
 
 
