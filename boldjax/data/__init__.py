@@ -11,6 +11,7 @@ from typing import Any
 # Modules that register importers and pipelines; heavy imports inside them stay lazy.
 from boldjax.data import (  # noqa: F401
   bold_pipeline,
+  encoding_pipeline,
   importers,
   pipeline,
 )

@@ -6,6 +6,7 @@ prints the table (probe_evaluator; the `python -m boldjax.evaluate` command and 
 
 # Imported for their registrations: label sources, example builders, evaluators.
 from boldjax.evals import (  # noqa: F401
+  encoding,
   examples,
   labels,
   loss,
