@@ -5,6 +5,7 @@ module and one line here.
 """
 
 from boldjax.convert import (  # noqa: F401  (registration)
+  bddn,
   boldgpt,
   lfb,
   semantoks,
