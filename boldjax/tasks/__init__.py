@@ -5,6 +5,7 @@ from boldjax.tasks import (
   csm,  # noqa: F401  (registers "csm")
   decode,  # noqa: F401  (registers "decode")
   dino,  # noqa: F401  (registers "dino")
+  encoding,  # noqa: F401  (registers "encoding")
   net_bert,  # noqa: F401  (registers "net_bert")
   next_patch,  # noqa: F401  (registers "next_patch")
   seq_bert,  # noqa: F401  (registers "seq_bert")
