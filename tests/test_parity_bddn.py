@@ -188,3 +188,38 @@ def test_bddn_plmodel_checkpoint_converts_identically(case: str) -> None:
     convert_factortopy({**wrapped, "train_r2.total": np.zeros(3)}, layers=keys)
   with pytest.raises(KeyError, match="missing keys"):
     convert_factortopy({k: v for k, v in sd.items() if k != "bias"}, layers=keys)
+
+
+def test_grid_sample_and_resize_match_torch() -> None:
+  """grid_sample_bilinear (values and both gradients, points inside, on the border and
+  outside the map) and resize_bilinear (down and up) against torch on random inputs."""
+  torch = parity.torch()
+  from boldjax.models.factortopy import grid_sample_bilinear
+
+  rng = np.random.default_rng(0)
+  maps = rng.normal(size=(2, 5, 7, 3)).astype(np.float32)  # (B, H, W, C)
+  xy = rng.uniform(-1.3, 1.3, size=(40, 2)).astype(np.float32)
+  xy[:4] = [[-1, -1], [1, 1], [6 / 7, -0.8], [0, 0]]
+  cot = rng.normal(size=(2, 40, 3)).astype(np.float32)
+
+  tm = torch.tensor(maps.transpose(0, 3, 1, 2), requires_grad=True)
+  txy = torch.tensor(xy, requires_grad=True)
+  grid = txy[None, :, None, :].expand(2, -1, 1, 2)
+  ref = torch.nn.functional.grid_sample(tm, grid, mode="bilinear", padding_mode="zeros",
+                                        align_corners=False)[..., 0].permute(0, 2, 1)  # fmt: skip
+  (ref * torch.tensor(cot)).sum().backward()
+
+  with jax.default_matmul_precision("highest"):
+    out, vjp = jax.vjp(grid_sample_bilinear, jnp.asarray(maps), jnp.asarray(xy))
+    d_maps, d_xy = vjp(jnp.asarray(cot))
+  tol = {"atol": 1e-6, "rtol": 1e-5}
+  parity.check("grid_sample", out, ref.detach().numpy(), tol)
+  parity.check("grid_sample d maps", d_maps, tm.grad.numpy().transpose(0, 2, 3, 1), tol)
+  parity.check("grid_sample d xy", d_xy, txy.grad.numpy(), {"atol": 1e-5, "rtol": 1e-5})
+
+  x = rng.normal(size=(3, 11, 9, 4)).astype(np.float32)
+  for size in ((8, 8), (5, 3), (16, 12)):
+    want = torch.nn.functional.interpolate(torch.tensor(x.transpose(0, 3, 1, 2)), size=size,
+                                           mode="bilinear", align_corners=False)  # fmt: skip
+    got = resize_bilinear(x, size)
+    parity.check(f"resize {size}", got, want.numpy().transpose(0, 2, 3, 1), RESIZE_TOL)
