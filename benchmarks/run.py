@@ -1,6 +1,7 @@
 """boldjax train step vs a PyTorch re-implementation of the original, same weights and batch.
 
-  python -m benchmarks.run --family=patch_gpt|csm_gpt|seq_bert|dino|all [--json] [--repeats N]
+  python -m benchmarks.run --family=patch_gpt|csm_gpt|seq_bert|dino|encoding|vit_b16|all \
+      [--json] [--repeats N]
 
 Per family: the boldjax step is built exactly as boldjax/train.py builds it (mesh, state
 spec, optimizer, task loss, jit with donation) on the config's default shapes and the first
@@ -9,6 +10,14 @@ params_to_torch and must give the same loss (rtol 1e-4) before anything is timed
 two steps are timed alternately in this process after warm-up (median of repeats).
 The DINO step includes the EMA teacher update on both sides (update_extra in boldjax, after
 the optimizer step in torch).
+
+Encoding (FactorTopy on cached tokens, issue 17): `encoding` is configs/encoding.py's
+synthetic default (tiny backbone); `encoding_seed` the seed's shapes (CLIP ViT-B/16 tokens:
+12 layers x 768 channels on the 8 x 8 grid, bottleneck 128, batch 8) on ~10,000 fsaverage5
+vertices. The backbone feature passes `vit_b16` / `vit_tiny` time no train step: the token
+cache's jitted pass (uint8 images -> normalised -> ViT get_tokens -> 8 x 8 local tokens)
+against open_clip's VisionTransformer running the seed's get_tokens under no_grad, same
+weights (a torch init converted by boldjax.convert.vision) and images, same tokens first.
 """
 
 from __future__ import annotations
@@ -35,7 +44,10 @@ import numpy as np
 import boldjax  # noqa: F401  (its XLA:CPU flags must be set before jax starts a backend)
 from benchmarks import flops as flops_lib
 
-FAMILIES = ("patch_gpt", "csm_gpt", "seq_bert", "net_bert", "autoencoder", "dino")
+FAMILIES = (
+  "patch_gpt", "csm_gpt", "seq_bert", "net_bert", "autoencoder", "dino", "encoding",
+  "encoding_seed",
+)  # fmt: skip
 CONFIGS = {
   "patch_gpt": "configs.gpt_small",
   "csm_gpt": "configs.csm_gpt",
@@ -43,12 +55,25 @@ CONFIGS = {
   "net_bert": "configs.net_bert",
   "autoencoder": "configs.autoencoder",
   "dino": "configs.dino_small",
+  "encoding": "configs.encoding",
+  "encoding_seed": "configs.encoding",
 }
+ENCODING = ("encoding", "encoding_seed")
+CONFIG_ARGS = {"encoding_seed": "backbone=clip_b16"}  # get_config(arg) when none is given
 # Config changes that keep shapes but make both sides do the same work every step: the
 # DINO student masks on every batch (boldjax computes the masked path on every batch anyway,
 # static shapes; the original skips the mask loss on the unmasked half).
-OVERRIDES: dict[str, dict[str, Any]] = {"dino": {"task.mask_frequency": 1.0}}
+# encoding_seed: the seed's model shapes on a small image set (the CLIP B/16 synthetic
+# default would build 3000 images); 0.535 of fsaverage5's cortex = 10,006 vertices.
+OVERRIDES: dict[str, dict[str, Any]] = {
+  "dino": {"task.mask_frequency": 1.0},
+  "encoding_seed": {"data.synthetic.num_images": 64, "data.synthetic.visual_fraction": 0.535},
+}
+# Backbone feature passes (no train step): the boldjax preset and the images per pass (the
+# seed's batch 8 at 224 px; the token cache's 64 for the tiny synthetic-default backbone).
+PASSES = {"vit_b16": ("clip_b16", 8), "vit_tiny": ("tiny", 64)}
 LOSS_RTOL = 1e-4
+TOKENS_RTOL = 1e-4  # feature passes: max |boldjax - torch| / max |torch|, local and global
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,7 +130,7 @@ def load_config(family: str, arg: str | None = None):
 
   if family not in CONFIGS:
     raise ValueError(f"benchmarks.run --family: expected one of {FAMILIES}, found {family!r}")
-  config = importlib.import_module(CONFIGS[family]).get_config(arg)
+  config = importlib.import_module(CONFIGS[family]).get_config(arg or CONFIG_ARGS.get(family))
   for key, value in OVERRIDES.get(family, {}).items():
     *parents, field = key.split(".")
     node = config
@@ -294,6 +319,18 @@ def build_torch(family: str, side: JaxSide) -> TorchSide:
 
     def eval_loss():
       return model.loss(x, t, valid)
+  elif family in ENCODING:
+    from benchmarks import torch_factortopy
+
+    model = torch_factortopy.from_boldjax(side.task, params)
+    host = side.host_batch
+    local, glob = torch_factortopy.tokens_from_batch(host["local"], host["global"])
+    fmri = b["fmri"]
+
+    def loss():  # the seed's training_step; its reg decay reads the steps taken
+      return model.training_loss(local, glob, fmri)
+
+    eval_loss = loss
   elif family == "dino":
     from benchmarks import torch_semantoks
 
@@ -310,6 +347,8 @@ def build_torch(family: str, side: JaxSide) -> TorchSide:
     raise ValueError(f"benchmarks.run: no torch model for family {family!r}")
   opt, sched = torch_optimizer(model, cfg.optim, cfg.total_steps)
   after = model.update_teacher if family == "dino" else None
+  if family in ENCODING:
+    after = model.count_step  # Lightning's global_step, read by the reg decay
   return TorchSide(
     model, loss, eval_loss, _torch_step(model, loss, opt, sched, cfg.optim.clip_norm, after)
   )
@@ -405,7 +444,7 @@ def bench_family(
   tokens = shapes["batch"] * shapes["tokens_per_row"]
   return {
     "family": family,
-    "config": CONFIGS[family].replace(".", "/") + ".py",
+    "config": config_name(family),
     **shapes,
     "params": int(sum(x.size for x in jax.tree.leaves(side.state.params))),
     "loss_boldjax": jl,
@@ -430,6 +469,181 @@ def bench_family(
   }
 
 
+# ---------------------------------------------------------------------------------------
+# Backbone feature passes (no train step).
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PassSides:
+  config: Any  # the boldjax ViTConfig (open_clip layout)
+  batch: int
+  jax_pass: Callable[[], Any]  # -> (local, global) jax arrays
+  torch_pass: Callable[[], Any]  # -> (local, global) torch tensors, under no_grad
+
+
+def build_pass(name: str, batch: int | None = None, seed: int = 0) -> PassSides:
+  """Both feature passes of PASSES[name]: a torch open_clip tower with torch's init (seeded),
+  its state_dict converted by boldjax.convert.vision into the boldjax ViT, the token cache's
+  jitted function (boldjax.data.token_cache.make_token_fn around vit.get_tokens, the
+  encoding data's default grid and normalisation) and the seed's get_tokens + resize, on the
+  same random uint8 images."""
+  import torch
+
+  from benchmarks import torch_vit
+  from boldjax.convert.vision import convert_state_dict
+  from boldjax.data import encoding_pipeline, token_cache
+  from boldjax.models import vit
+
+  if name not in PASSES:
+    raise ValueError(f"benchmarks.run: expected a pass in {sorted(PASSES)}, found {name!r}")
+  preset, default_batch = PASSES[name]
+  batch = int(batch or default_batch)
+  base = vit.PRESETS[preset]
+  config = torch_vit.openclip_layout(base, act=base.act)  # tiny: its sizes and GELU
+  torch.manual_seed(seed)
+  net = torch_vit.from_config(config).eval()
+  params, _ = convert_state_dict(torch_vit.state_dict_numpy(net), config, source=f"torch {name}")
+  tok = encoding_pipeline.default_config().tokens
+  grid, mean, std = tuple(tok.grid), tuple(tok.mean), tuple(tok.std)
+  fn = token_cache.make_token_fn(
+    lambda p, x: vit.get_tokens(p, x, config),
+    image_size=config.image_size, grid=grid, mean=mean, std=std,
+  )  # fmt: skip
+  size = config.image_size
+  images = np.random.default_rng(seed).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+  params, x = jax.device_put(params), jax.device_put(images)
+  timages = torch.from_numpy(images)
+
+  def torch_pass():
+    with torch.no_grad():  # as the seed's PLModel.forward
+      return torch_vit.feature_pass(net, timages, grid, mean, std)
+
+  return PassSides(config, batch, lambda: fn(params, x), torch_pass)
+
+
+def tokens_error(sides: PassSides) -> float:
+  """max over local and global tokens of max |boldjax - torch| / max |torch|."""
+  jl, jg = jax.device_get(sides.jax_pass())
+  tl, tg = sides.torch_pass()
+  errs = []
+  for a, b in ((jl, tl.numpy()), (jg, tg.numpy())):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+      raise AssertionError(
+        f"benchmarks.run: token shapes differ: boldjax {a.shape}, torch {b.shape}"
+      )
+    errs.append(float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30)))
+  return max(errs)
+
+
+def bench_pass(
+  name: str, repeats: int, steps_per_repeat: int, warmup: int, batch: int | None = None
+) -> dict:
+  """A backbone feature pass, boldjax and torch timed alternately after the tokens agree."""
+  import torch
+
+  from boldjax.models import vit
+
+  log = compile_log()
+  sides = build_pass(name, batch)
+  c0, s0 = log.compiles, log.seconds
+  t0 = time.perf_counter()
+  jax.block_until_ready(sides.jax_pass())
+  first_call = time.perf_counter() - t0
+  compile_s, compiles_warmup = log.seconds - s0, log.compiles - c0
+  err = tokens_error(sides)
+  if not err <= TOKENS_RTOL:
+    raise AssertionError(
+      f"benchmarks.run {name}: boldjax and torch tokens differ by {err:.3g} of their scale "
+      f"(> {TOKENS_RTOL}) on the same weights and images; not timing different models"
+    )
+  for _ in range(warmup):
+    jax.block_until_ready(sides.jax_pass())
+    sides.torch_pass()
+  c1 = log.compiles
+  jax_times, torch_times = [], []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(steps_per_repeat):
+      out = sides.jax_pass()
+    jax.block_until_ready(out)
+    jax_times.append((time.perf_counter() - t0) / steps_per_repeat)
+    t0 = time.perf_counter()
+    for _ in range(steps_per_repeat):
+      sides.torch_pass()
+    torch_times.append((time.perf_counter() - t0) / steps_per_repeat)
+  jax_s, torch_s = float(np.median(jax_times)), float(np.median(torch_times))
+  cfg, B = sides.config, sides.batch
+  T = cfg.grid**2 + cfg.num_prefix
+  count = vit_flops(cfg, B)
+  return {
+    "family": name,
+    "config": f"boldjax.models.vit.PRESETS[{PASSES[name][0]!r}] in the open_clip layout",
+    "batch": B,
+    "tokens_per_row": T,
+    "width": cfg.width,
+    "depth": cfg.layers,
+    "image_size": cfg.image_size,
+    "params": int(sum(np.size(a) for a in jax.tree.leaves(vit.abstract_params(cfg)))),
+    "tokens_rel_error": err,
+    "step_s_boldjax": jax_s,
+    "step_s_torch": torch_s,
+    "step_s_boldjax_repeats": jax_times,
+    "step_s_torch_repeats": torch_times,
+    "images_per_s_boldjax": B / jax_s,
+    "images_per_s_torch": B / torch_s,
+    "tokens_per_s_boldjax": B * T / jax_s,
+    "tokens_per_s_torch": B * T / torch_s,
+    "ratio_boldjax_over_torch": torch_s / jax_s,
+    "train_step_gflop": count.forward / 1e9,  # one forward pass (no backward)
+    "gflops_boldjax": count.forward / jax_s / 1e9,
+    "gflops_torch": count.forward / torch_s / 1e9,
+    "compile_s": compile_s,
+    "first_call_s": first_call,
+    "compiles_in_warmup": compiles_warmup,
+    "recompiles_after_warmup": log.compiles - c1,
+    "torch_threads": torch.get_num_threads(),
+    "repeats": repeats,
+    "steps_per_repeat": steps_per_repeat,
+  }
+
+
+def config_name(family: str) -> str:
+  """configs/x.py[:arg] plus the OVERRIDES the benchmark applies."""
+  name = CONFIGS[family].replace(".", "/") + ".py"
+  if family in CONFIG_ARGS:
+    name += ":" + CONFIG_ARGS[family]
+  sets = " ".join(f"--config.{k}={v}" for k, v in OVERRIDES.get(family, {}).items())
+  return f"{name} {sets}" if sets else name
+
+
+def factortopy_flops(model, batch: int, grid: tuple[int, int]) -> flops_lib.FlopCount:
+  """FactorTopy forward on `batch` images: the bottlenecks (local at every grid pixel and
+  global, per layer), the three selector MLPs on the N vertices, the 4 bilinear taps of every
+  layer (weighted sums over the bottleneck channels), the global mix over layers and the
+  readout. No attention; the train step is 3x (the selectors' input takes no gradient)."""
+  N, L, bd, hid = model.num_vertices, model.num_layers, model.bottleneck, model.hidden
+  dims = model.token_dim
+  widths = [dims] * L if isinstance(dims, int) else list(dims)
+  pixels = batch * int(grid[0]) * int(grid[1])
+  dense = flops_lib.dense
+  bottlenecks = sum(dense(pixels, c, bd) + dense(batch, c, bd) for c in widths)
+  pe = 6 * model.num_freqs
+  selectors = sum(dense(N, pe, hid) + dense(N, hid, hid) + dense(N, hid, k) for k in (2, L, 1))
+  sampled = 2.0 * N * batch * bd * (4 * L + L + 1)  # taps, global mix, readout
+  return flops_lib.FlopCount(bottlenecks + selectors + sampled, 0.0)
+
+
+def vit_flops(config, batch: int) -> flops_lib.FlopCount:
+  """ViT forward on `batch` images at config.image_size: patch embedding, the blocks on the
+  prefix + patch tokens, the projection of the pooled token."""
+  grid = config.grid
+  T = grid * grid + config.num_prefix
+  blocks = flops_lib.transformer_blocks(batch, T, config.width, config.layers, config.mlp_dim)
+  patch = flops_lib.dense(batch * grid * grid, config.channels * config.patch_size**2, config.width)
+  proj = flops_lib.dense(batch, config.width, config.output_dim) if config.output_dim else 0.0
+  return flops_lib.FlopCount(patch + blocks.matmul + proj, blocks.attention)
+
+
 def shapes_and_flops(family: str, side: JaxSide) -> tuple[dict, flops_lib.FlopCount]:
   """Batch, tokens per row (what tokens/s counts), width, depth, and the analytic FLOPs.
 
@@ -439,6 +653,11 @@ def shapes_and_flops(family: str, side: JaxSide) -> tuple[dict, flops_lib.FlopCo
   student tokens.
   """
   task, host = side.task, side.host_batch
+  if family in ENCODING:  # tokens per row: the vertices predicted per image
+    m = task.model
+    B, _, h, w, C = host["local"].shape
+    shapes = dict(batch=B, tokens_per_row=m.num_vertices, width=C, depth=m.num_layers)
+    return shapes, factortopy_flops(m, B, (h, w))
   if family == "dino":
     enc = task.encoder
     B = host["views"].shape[0]
@@ -497,7 +716,7 @@ def main(argv: list[str] | None = None) -> dict:
 
   xla_flags.apply_defaults()  # before the first jax computation, as every entry point
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--family", default="all", choices=(*FAMILIES, "all"))
+  p.add_argument("--family", default="all", choices=(*FAMILIES, *PASSES, "all"))
   p.add_argument("--json", action="store_true", help="print one JSON document")
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
@@ -510,7 +729,7 @@ def main(argv: list[str] | None = None) -> dict:
   # The cores this process may run on (taskset / cgroup pinning), not the machine's count:
   # torch with more threads than cores loses most of its time at barriers.
   torch.set_num_threads(len(os.sched_getaffinity(0)) or 1)
-  families = FAMILIES if args.family == "all" else (args.family,)
+  families = (*FAMILIES, *PASSES) if args.family == "all" else (args.family,)
   load, waited = (load_average(), 0.0) if args.no_wait else wait_for_idle()
   result: dict[str, Any] = {
     "machine": machine(),
@@ -522,7 +741,10 @@ def main(argv: list[str] | None = None) -> dict:
   for fam in families:
     # With --json, stdout carries the JSON only: progress (dataset builds) goes to stderr.
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
-      r = bench_family(fam, args.repeats, args.steps, args.warmup)
+      if fam in PASSES:
+        r = bench_pass(fam, args.repeats, args.steps, args.warmup)
+      else:
+        r = bench_family(fam, args.repeats, args.steps, args.warmup)
     r["peak_rss_mb_process"] = peak_rss_mb()
     r["fraction_of_ceiling_boldjax"] = r["gflops_boldjax"] / result["matmul_ceiling_gflops"]
     result["families"].append(r)

@@ -644,3 +644,259 @@ def test_torch_dino_steps_equal_boldjax_steps():
     for k in want:
       np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-6, err_msg=k)
   assert net.step == int(state.extra["step"]) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Encoding (FactorTopy) and the backbone feature pass (issue 17).
+# ---------------------------------------------------------------------------------------
+ENC_N, ENC_L, ENC_C, ENC_GRID, ENC_B = 40, 3, 16, (4, 4), 5
+
+
+def _encoding_task(reg_steps: int = 2000, total_steps: int = 10, eps: float = 1e-8):
+  import types
+
+  from boldjax.tasks.encoding import EncodingTask
+
+  # configs/encoding.py's objective and optimizer (the seed's), at small sizes.
+  config = ml_collections.ConfigDict({
+    "total_steps": total_steps,
+    "task": dict(name="encoding", bottleneck=8, hidden=16, num_freqs=4, reg_weight=0.1,
+                 reg_steps=reg_steps, smooth_l1_beta=0.1),
+    "optim": dict(lr=1e-3, b1=0.9, b2=0.999, eps=eps, weight_decay=0.01, clip_norm=0.5,
+                  warmup_steps=0, warmup_init=1.0, min_lr_ratio=1.0, accum_steps=1, no_decay=()),
+  })  # fmt: skip
+  coords = np.random.default_rng(0).normal(size=(ENC_N, 3)).astype(np.float32) * 50
+  info = types.SimpleNamespace(coords=coords, num_layers=ENC_L, token_dim=ENC_C, grid=ENC_GRID,
+                               num_vertices=ENC_N, path="fake")  # fmt: skip
+  return EncodingTask(config, info)
+
+
+def _encoding_state(task, seed: int = 0):
+  """Cache-like float16 tokens, targets, random params (selector outputs non-zero)."""
+  rng = np.random.default_rng(seed)
+  batch = {
+    "local": rng.normal(size=(ENC_B, ENC_L, *ENC_GRID, ENC_C)).astype(np.float16),
+    "global": rng.normal(size=(ENC_B, ENC_L, ENC_C)).astype(np.float16),
+    "fmri": (rng.normal(size=(ENC_B, ENC_N)) * 0.3).astype(np.float32),
+  }
+  abstract = state_lib.strip_boxes(jax.eval_shape(task.init, jax.random.key(0), batch))
+  params = jax.tree.map(lambda a: (0.3 * rng.standard_normal(a.shape)).astype(a.dtype), abstract[0])
+  return batch, params, {"step": np.zeros((), np.int32), "pe": task.pe}
+
+
+@pytest.mark.parametrize("case", parity.cases("bddn_encoding*"))
+def test_torch_factortopy_matches_the_seed_fixture(case):
+  """The benchmark's torch FactorTopy on the seed's weights and inputs gives the seed's
+  numbers: position encoding, selections, bottlenecks, y, reg, smooth-L1, the objective at
+  both steps and the gradients. Sizes from the fixture (state_dict shapes, spec layers)."""
+  torch = parity.torch()
+  from benchmarks import torch_factortopy
+  from boldjax.convert.bddn import infer_structure
+  from tests.test_parity_bddn import objective_constants
+
+  spec, sd, inputs, outputs = parity.load(case)
+  st = infer_structure(sd, spec["config"]["layers"])
+  keys = st["layers"]
+  net = torch_factortopy.FactorTopy(st["num_vertices"], keys, st["layer_widths"], st["bottleneck"],
+                                    st["hidden"], st["num_freqs"])  # fmt: skip
+  net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+  local = {k: torch.from_numpy(inputs[f"local_tokens/{k}"]) for k in keys}
+  glob = {k: torch.from_numpy(inputs[f"global_tokens/{k}"]) for k in keys}
+  coords = torch.from_numpy(inputs["coords"])
+  lam, total, beta = objective_constants(spec)
+  y, reg = net(local, glob, coords)  # local / glob now hold the bottlenecks (the seed's quirk)
+  sl1 = torch.nn.functional.smooth_l1_loss(y, torch.from_numpy(inputs["fmri"]), beta=beta)
+  actual = {"pe": net.space_selector_mlp[0](coords), "y": y, "reg": reg, "smooth_l1": sl1}
+  actual.update(net.selections(coords))
+  for k in keys:
+    actual[f"local_bottleneck/{k}"], actual[f"global_bottleneck/{k}"] = local[k], glob[k]
+  steps = [int(s) for s in inputs["steps"]]
+  for i, step in enumerate(steps):
+    model = torch_factortopy.PLModel(inputs["coords"], st["layer_widths"], reg_weight=lam,
+                                     reg_steps=total, beta=beta)  # fmt: skip
+    model.model = net
+    model.global_step = step
+    decay = model.get_decay()
+    actual[f"reg_decay/step{step}"] = np.float64(decay)
+    actual[f"reg_term/step{step}"] = reg * lam * decay
+    actual[f"loss/step{step}"] = sl1 + reg * lam * decay
+    if i == 0:
+      net.zero_grad()
+      loss = model.training_loss(
+        {k: torch.from_numpy(inputs[f"local_tokens/{k}"]) for k in keys},
+        {k: torch.from_numpy(inputs[f"global_tokens/{k}"]) for k in keys},
+        torch.from_numpy(inputs["fmri"]),
+      )
+      loss.backward()
+      np.testing.assert_array_equal(loss.detach().numpy(), actual[f"loss/step{step}"].detach())
+      grads = {n: p.grad for n, p in net.named_parameters()}
+  for name in outputs:
+    if name.startswith("grad/"):
+      actual[name] = grads[name[len("grad/") :]]
+  actual = {k: np.asarray(v.detach() if hasattr(v, "detach") else v) for k, v in actual.items()}
+  assert set(actual) == set(outputs), sorted(set(outputs) ^ set(actual))
+  parity.check_all(actual, outputs, spec)
+
+
+def test_torch_factortopy_same_loss_as_the_encoding_task():
+  """Same weights, float16 cache tokens and step (the reg decay below 1): same loss, y, reg."""
+  torch = parity.torch()
+  from benchmarks import torch_factortopy
+
+  task = _encoding_task(reg_steps=400)
+  batch, params, extra = _encoding_state(task)
+  extra["step"] = np.asarray(150, np.int32)
+  with jax.default_matmul_precision("highest"):
+    want, metrics = jax.jit(lambda p, e: task.loss(p, e, batch, jax.random.key(0)))(params, extra)
+    out = task.model.apply({"params": params}, task.pe, batch["local"], batch["global"])
+  net = torch_factortopy.from_boldjax(task, jax.device_get(params))
+  net.global_step = 150
+  local, glob = torch_factortopy.tokens_from_batch(batch["local"], batch["global"])
+  with torch.no_grad():
+    y, reg = net(local, glob)
+    got = net.training_loss(local, glob, torch.from_numpy(batch["fmri"]))
+  assert list(local["0"].shape) == [ENC_B, ENC_C, *ENC_GRID]  # the dicts were not overwritten
+  assert float(jnp.std(out["sel_scale"])) > 0.05 and float(jnp.abs(out["sel_space"]).min()) > 0
+  assert float(metrics["reg_weight"]) == pytest.approx(0.1 * (1 - 150 / 400), rel=1e-6)
+  np.testing.assert_allclose(y.numpy(), np.asarray(out["y"]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(reg), float(metrics["reg"]), rtol=1e-5)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+def test_torch_encoding_steps_equal_boldjax_steps():
+  """Three train steps (AdamW, decay mask, clipping at 0.5, the reg decay reaching 0 on the
+  steps taken) give the same FactorTopy on both sides, as benchmarks.run builds them."""
+  torch = parity.torch()
+  from benchmarks import run, torch_factortopy
+  from boldjax.convert.bddn import params_to_torch
+  from boldjax.state import TrainState, make_train_step
+
+  # eps 1e-3: Adam's first steps on near-zero gradients amplify float rounding (as for DINO).
+  task = _encoding_task(reg_steps=2, total_steps=10, eps=1e-3)
+  batch, params, extra = _encoding_state(task, seed=2)
+  cfg = task.config.optim
+  tx, schedule = optim.make_optimizer(cfg, task.config.total_steps)
+  net = torch_factortopy.from_boldjax(task, jax.device_get(params))
+  step = jax.jit(make_train_step(task, tx, schedule, jax.random.key(0), 1))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     extra=extra)  # fmt: skip
+  losses = []
+  for _ in range(3):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  local, glob = torch_factortopy.tokens_from_batch(batch["local"], batch["global"])
+  fmri = torch.from_numpy(batch["fmri"])
+  opt, sched = run.torch_optimizer(net, cfg, task.config.total_steps)
+  tlosses = []
+
+  def loss():
+    value = net.training_loss(local, glob, fmri)
+    tlosses.append(float(value.detach()))
+    return value
+
+  tstep = run._torch_step(net, loss, opt, sched, cfg.clip_norm, net.count_step)
+  for _ in range(3):
+    tstep()
+  assert net.global_step == int(state.extra["step"]) == 3 and net.get_decay() == 0
+  np.testing.assert_allclose(tlosses, losses, rtol=1e-5)
+  got = {k: v.numpy() for k, v in net.model.state_dict().items()}
+  want = params_to_torch(jax.device_get(state.params), range(ENC_L))
+  moved = params_to_torch(jax.device_get(params), range(ENC_L))
+  for k in want:
+    assert not np.allclose(want[k], moved[k]), k
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-6, err_msg=k)
+
+
+def test_factortopy_flops_by_hand():
+  from benchmarks import run
+
+  task = _encoding_task()
+  m = task.model  # N 40, L 3, C 16, bottleneck 8, hidden 16, 4 frequencies (24 inputs)
+  c = run.factortopy_flops(m, 5, (4, 4))
+  bottlenecks = 3 * (2 * 80 * 16 * 8 + 2 * 5 * 16 * 8)
+  selectors = sum(2 * 40 * (24 * 16 + 16 * 16 + 16 * k) for k in (2, 3, 1))
+  sampling = 2 * 40 * 5 * 8 * (4 * 3 + 3 + 1)
+  assert c.matmul == bottlenecks + selectors + sampling
+  assert c.attention == 0.0 and c.train_step == 3 * c.forward
+
+
+def test_vit_flops_by_hand():
+  from benchmarks import run
+  from boldjax.models import vit
+
+  cfg = vit.ViTConfig(image_size=32, patch_size=8, width=16, layers=2, heads=2, output_dim=4)
+  c = run.vit_flops(cfg, 3)
+  T, tokens = 17, 3 * 17
+  blocks = 2 * (4 * 2 * tokens * 16 * 16 + 2 * 2 * tokens * 16 * 64)
+  assert c.matmul == 2 * 48 * 192 * 16 + blocks + 2 * 3 * 16 * 4
+  assert c.attention == 4 * 3 * T * T * 16 * 2
+
+
+@pytest.mark.parametrize("case", parity.cases("openclip_vit*"))
+def test_torch_vit_matches_the_openclip_fixture(case):
+  """The benchmark's torch tower loads open_clip's state_dict strictly and gives every block
+  and the embedding of the fixture; get_tokens reads the same blocks. Sizes from spec.json."""
+  torch = parity.torch()
+  from benchmarks import torch_vit
+
+  spec, sd, inputs, outputs = parity.load(case)
+  c = spec["config"]
+  net = torch_vit.VisionTransformer(
+    c["image_size"], c["patch_size"], c["width"], c["layers"], c["heads"], c["mlp_ratio"],
+    c["output_dim"], quick_gelu=c["quick_gelu"],
+  ).eval()  # fmt: skip
+  net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+  x = torch.from_numpy(inputs["images"])
+  with torch.no_grad():
+    blocks, embedding = net.blocks(x), net(x)
+    local, glob = net.get_tokens(x)
+  actual = {f"block{i}": b.numpy() for i, b in enumerate(blocks)}
+  actual["embedding"] = embedding.numpy()
+  assert set(actual) == set(outputs), sorted(set(outputs) ^ set(actual))
+  parity.check_all(actual, outputs, spec)
+  g = c["image_size"] // c["patch_size"]
+  for i, b in enumerate(blocks):
+    patches = b[:, 1:].numpy().reshape(len(b), g, g, -1).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(local[str(i)].numpy(), patches)
+    np.testing.assert_array_equal(glob[str(i)].numpy(), b[:, 0].numpy())
+
+
+@pytest.fixture
+def small_clip_pass(monkeypatch):
+  """A small QuickGELU CLIP tower whose 12 x 12 patch grid the token pass resizes to 8 x 8."""
+  from benchmarks import run
+  from boldjax.models import vit
+
+  cfg = vit.ViTConfig(image_size=48, patch_size=4, width=32, layers=2, heads=2, ln_pre=True,
+                      output_dim=16, act="quick_gelu", ln_eps=1e-5, patch_bias=False,
+                      name="test_clip")  # fmt: skip
+  monkeypatch.setitem(vit.PRESETS, "test_clip", cfg)
+  monkeypatch.setitem(run.PASSES, "vit_test", ("test_clip", 3))
+  return "vit_test"
+
+
+def test_feature_passes_give_the_same_tokens(small_clip_pass):
+  """The token cache's jitted pass and the seed's get_tokens + 8 x 8 resize (torch), on one
+  torch init converted by boldjax.convert.vision: the same tokens; a different init does not."""
+  parity.torch()
+  from benchmarks import run
+
+  sides = run.build_pass(small_clip_pass)
+  local, glob = sides.jax_pass()
+  assert local.shape == (3, 2, 8, 8, 32) and glob.shape == (3, 2, 32)
+  assert run.tokens_error(sides) < 1e-5
+  other = run.build_pass(small_clip_pass, seed=1)
+  mixed = run.PassSides(sides.config, 3, sides.jax_pass, other.torch_pass)
+  assert run.tokens_error(mixed) > 0.1
+
+
+def test_bench_pass_runs_and_reports(small_clip_pass):
+  parity.torch()
+  from benchmarks import run
+
+  r = run.bench_pass(small_clip_pass, repeats=2, steps_per_repeat=1, warmup=1, batch=2)
+  assert r["batch"] == 2 and r["tokens_per_row"] == 145 and r["recompiles_after_warmup"] == 0
+  assert r["tokens_rel_error"] < 1e-5 and len(r["step_s_torch_repeats"]) == 2
+  assert r["images_per_s_boldjax"] == pytest.approx(2 / r["step_s_boldjax"])
+  config = run.build_pass(small_clip_pass).config
+  assert r["train_step_gflop"] == run.vit_flops(config, 2).forward / 1e9
