@@ -64,7 +64,7 @@ CONFIG_ARGS = {"encoding_seed": "backbone=clip_b16"}  # get_config(arg) when non
 # DINO student masks on every batch (boldjax computes the masked path on every batch anyway,
 # static shapes; the original skips the mask loss on the unmasked half).
 # encoding_seed: the seed's model shapes on a small image set (the CLIP B/16 synthetic
-# default would build 3000 images); 0.535 of fsaverage5's cortex = 10,006 vertices.
+# default would build 3000 images); 0.535 of each fsaverage5 hemisphere's cortex: N = 10,166.
 OVERRIDES: dict[str, dict[str, Any]] = {
   "dino": {"task.mask_frequency": 1.0},
   "encoding_seed": {"data.synthetic.num_images": 64, "data.synthetic.visual_fraction": 0.535},
