@@ -39,8 +39,16 @@ def default_config() -> ml_collections.ConfigDict:
     }
   )
   c.synthetic.backbone_weights = ""
+  c.synthetic.backbone_init = "distinct"
   c.backbone = ml_collections.ConfigDict(
-    {"name": "tiny", "weights": "", "seed": 0, "allow_pickle": False, "image_size": 0}
+    {
+      "name": "tiny",
+      "weights": "",
+      "seed": 0,
+      "init": "distinct",  # random weights: layers that differ (backbones.distinct_layers)
+      "allow_pickle": False,
+      "image_size": 0,
+    }
   )
   c.tokens = ml_collections.ConfigDict(
     {
@@ -122,6 +130,7 @@ def stimulus_path(data_cfg: Any) -> str:
             "name": spec.backbone,
             "weights": setting(syn, "backbone_weights", ""),
             "seed": spec.backbone_seed,
+            "init": setting(syn, "backbone_init", "distinct"),
             "image_size": setting(setting(data_cfg, "backbone", {}), "image_size", 0),
           }
         )
@@ -148,10 +157,7 @@ def prepare(data_cfg: Any) -> EncodingInfo:
   def make_fn():
     return backbones.token_fn(backbones.load(bcfg), grid, mean, std, batch)
 
-  weights = str(setting(bcfg, "weights", ""))
-  weights_id = (
-    token_cache.file_sha256(weights) if weights else f"random:{int(setting(bcfg, 'seed', 0))}"
-  )
+  weights_id = backbones.weights_identity(bcfg)
   image_size = int(setting(bcfg, "image_size", 0)) or int(config.image_size)
   spec = token_cache.CacheSpec(
     backbone=name,

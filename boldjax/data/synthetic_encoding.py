@@ -36,7 +36,7 @@ class SyntheticEncodingSpec:
   visual_fraction: float = 0.15  # of each hemisphere's cortex vertices, nearest the pole
   backbone: str = "tiny"  # the preset whose tokens make the responses
   backbone_seed: int = 0  # its random weights (when no weights file is given)
-  bottleneck: int = 32
+  bottleneck: int = 128  # = the model's: it cannot hold every layer's planted readout at once
   noise_ceiling: float = 0.5
   grid: tuple[int, int] = (8, 8)
   seed: int = 0
@@ -126,11 +126,16 @@ def planted_signal(
   readout = rng.normal(0, 1, (len(planted["layer"]), bottleneck)).astype(np.float32)
   corners = bilinear_weights(planted["x"], planted["y"], h, w)
   layer, s = planted["layer"], planted["scale"][None, :, None]
-  local_b = np.einsum("nlhwc,lcd->nlhwd", local, proj)  # (n, L, h, w, bd)
-  global_b = np.einsum("nlc,lcd->nld", global_, proj)
-  v_local = sum(wt[None, :, None] * local_b[:, layer, rows, cols] for rows, cols, wt in corners)
-  v = (1 - s) * v_local + s * global_b[:, layer]
-  return np.mean(v * readout[None], axis=-1), {"proj": proj, "readout": readout}
+  out = np.zeros((n, len(layer)), np.float32)
+  chunk = max(1, 2**27 // (len(layer) * bottleneck * 4))  # ~0.5 GB per temporary
+  for lo in range(0, n, chunk):
+    local_b = np.einsum("nlhwc,lcd->nlhwd", local[lo : lo + chunk], proj)  # (n, L, h, w, bd)
+    global_b = np.einsum("nlc,lcd->nld", global_[lo : lo + chunk], proj)
+    v = s * global_b[:, layer]
+    for rows, cols, wt in corners:
+      v += (1 - s) * wt[None, :, None] * local_b[:, layer, rows, cols]
+    out[lo : lo + chunk] = np.mean(v * readout[None], axis=-1)
+  return out, {"proj": proj, "readout": readout}
 
 
 def with_noise(signal: np.ndarray, noise_ceiling: float, rng: np.random.Generator) -> np.ndarray:

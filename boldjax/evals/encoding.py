@@ -32,8 +32,11 @@ def r2_per_vertex(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
+  """Rank correlation; 0 when either side is constant (e.g. every vertex picked one layer)."""
   from scipy import stats
 
+  if np.ptp(a) == 0 or np.ptp(b) == 0:
+    return 0.0
   return float(stats.spearmanr(a, b).statistic)
 
 
