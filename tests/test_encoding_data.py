@@ -170,3 +170,38 @@ def test_r2_per_vertex_matches_the_definition():
   ]
   np.testing.assert_allclose(enc_eval.r2_per_vertex(p, t), want, rtol=1e-12)
   assert os.environ.get("BOLDJAX_CACHE")  # tests never write the user's cache
+
+
+def test_an_algonauts_subject_feeds_the_encoding_pipeline(tmp_path):
+  from boldjax import prepare
+  from boldjax.cli import InputError
+  from boldjax.data import encoding_pipeline, image_records
+  from tests.test_algonauts import _subject
+
+  subj, sphere, data = _subject(tmp_path, n=12)
+  out = prepare.main(
+    ["algonauts", str(subj), f"--sphere={sphere}", f"--out={tmp_path / 'ds'}", "--size=32"]
+  )
+  cfg = encoding_pipeline.default_config()
+  cfg.source, cfg.path, cfg.cache_dir = "stimulus", out, str(tmp_path / "cache")
+  cfg.tokens.batch_size = 4
+  info = encoding_pipeline.prepare(cfg)
+  assert info.num_vertices == 15 and info.num_layers == 4 and info.grid == (8, 8)
+  ds = image_records.open_stimulus(out)
+  np.testing.assert_array_equal(info.coords, ds.vertices()["coords"])
+  batches = list(
+    encoding_pipeline.make_dataset(cfg, info, split="train", train=False, seed=0, batch_size=4)
+  )
+  fmri = np.concatenate([b["fmri"][b["valid"]] for b in batches])
+  ids = np.concatenate([b["image_id"][b["valid"]] for b in batches])
+  responses = np.concatenate([data["lh"]["fmri"], data["rh"]["fmri"]], axis=1)
+  np.testing.assert_array_equal(fmri, responses[ids])
+  np.testing.assert_array_equal(ids, ds.image_ids("train"))
+  # Images without responses are refused by the encoding family, naming the field.
+  images_only = prepare.main(
+    ["images", str(subj / "training_split" / "training_images"), f"--out={tmp_path / 'im'}",
+     "--size=16"]
+  )  # fmt: skip
+  cfg.path = images_only
+  with pytest.raises(InputError, match="meta.json: field 'response'"):
+    encoding_pipeline.prepare(cfg)

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from boldjax import registry
+from boldjax.cli import InputError
 from boldjax.data import backbones, synthetic_encoding, token_cache, transforms
 from boldjax.data.paths import cache_dir, readable_dataset, setting
 from boldjax.data.pipeline import eval_shard_indices, to_iter_dataset
@@ -147,6 +148,12 @@ def prepare(data_cfg: Any) -> EncodingInfo:
 
   path = stimulus_path(data_cfg)
   stim = image_records.open_stimulus(path)
+  if not stim.meta.get("response"):
+    raise InputError(
+      f"{path}/meta.json: field 'response': the encoding family needs fMRI responses per "
+      "image, found none (`prepare images` / `nsd_images` datasets hold images only; "
+      "`prepare algonauts` adds responses)"
+    )
   vertices = stim.vertices()
   splits = {name: stim.split(name) for name in stim.splits}
   grid, dtype, batch, mean, std = _token_settings(data_cfg)
