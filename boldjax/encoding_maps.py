@@ -184,6 +184,7 @@ def main(argv: list[str]) -> str:
     )
   res = run_results(loaded, args.split, args.clusters)
   stem = os.path.splitext(args.out)[0]
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   tmp = f"{stem}.tmp-{os.getpid()}.npz"
   np.savez(tmp, **res)
   out = draw_maps(res, args.out, num_layers=loaded.info.num_layers)
