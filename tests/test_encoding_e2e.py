@@ -90,7 +90,7 @@ def test_encoding_maps_colab_executes(trained, tmp_path, monkeypatch):
   )
   found = re.search(r"held-out R\^2: median ([-\d.]+)", text)
   assert found, text[-2000:]
-  assert float(found.group(1)) == pytest.approx(final["encoding/test/r2_median"], abs=1e-4)
+  assert float(found.group(1)) == pytest.approx(final["encoding/test/r2_median"], abs=6e-4)
   assert "planted layer: Spearman" in text
   assert (tmp_path / "encoding_maps.png").stat().st_size > 20_000
 
