@@ -9,7 +9,8 @@ failure of the suite). Tests not marked for the control are skipped.
 - shuffled_labels: the synthetic generators keep their signal but write labels unrelated
   to it (flat maps: each subject's classes permuted across its trials; parcellated runs:
   each run's states relabelled by a random permutation, so blocks stay blocks but the
-  state names no longer match the patterns across runs and subjects).
+  state names no longer match the patterns across runs and subjects; encoding stimuli: the
+  planted responses are permuted across images).
 - untrained: the model the value is read from never learns: `config.task.init_from` grafts
   nothing and the optimizer makes no updates, so it stays at its random init. Only for
   runs long enough for training to matter.
@@ -57,6 +58,18 @@ def _shuffle_bold_states(monkeypatch) -> None:
   monkeypatch.setattr(synthetic_bold.SyntheticBold, "run", run)
 
 
+def _shuffle_encoding_responses(monkeypatch) -> None:
+  from boldjax.data import synthetic_encoding
+
+  original = synthetic_encoding.with_noise
+
+  def with_noise(signal, noise_ceiling, rng):
+    responses = original(signal, noise_ceiling, rng)
+    return responses[np.random.default_rng(_SEED).permutation(len(responses))]
+
+  monkeypatch.setattr(synthetic_encoding, "with_noise", with_noise)
+
+
 def _untrained(monkeypatch) -> None:
   import optax
 
@@ -83,6 +96,7 @@ def apply(name: str, monkeypatch, tmp_path_factory) -> None:
   if name == "shuffled_labels":
     _shuffle_flat_labels(monkeypatch)
     _shuffle_bold_states(monkeypatch)
+    _shuffle_encoding_responses(monkeypatch)
   elif name == "untrained":
     _untrained(monkeypatch)
   else:

@@ -5,6 +5,7 @@ import os
 import re
 from pathlib import Path
 
+import controls
 import numpy as np
 import pytest
 
@@ -35,9 +36,14 @@ def small_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("encoding") / "run")
-  final = train.run(small_config(), workdir)
+def trained(tmp_path_factory, request):
+  # Module-scoped, so the conftest's per-test control would come too late: apply it here.
+  with pytest.MonkeyPatch.context() as mp:
+    control = request.config.getoption("--control")
+    if control:
+      controls.apply(control, mp, tmp_path_factory)
+    workdir = str(tmp_path_factory.mktemp("encoding") / "run")
+    final = train.run(small_config(), workdir)
   return workdir, final
 
 

@@ -121,21 +121,21 @@ def stimulus_path(data_cfg: Any) -> str:
   if path:
     return readable_dataset(str(path), cache_dir(data_cfg))
   spec = synthetic_spec(data_cfg)
-  out = synthetic_encoding.dataset_path(data_cfg, spec)
+  syn = setting(data_cfg, "synthetic", {})
+  planted_cfg = {  # the backbone whose tokens make the planted responses
+    "name": spec.backbone,
+    "weights": setting(syn, "backbone_weights", ""),
+    "seed": spec.backbone_seed,
+    "init": setting(syn, "backbone_init", "distinct"),
+    "image_size": setting(setting(data_cfg, "backbone", {}), "image_size", 0),
+  }
+  _, _, batch, mean, std = _token_settings(data_cfg)
+  identity = [backbones.weights_identity(planted_cfg), planted_cfg["image_size"], mean, std]
+  out = synthetic_encoding.dataset_path(data_cfg, spec, identity)
   if not os.path.exists(os.path.join(out, "meta.json")):
     with file_lock(out + ".lock", f"building {out}"):
       if not os.path.exists(os.path.join(out, "meta.json")):
-        syn = setting(data_cfg, "synthetic", {})
-        planted = backbones.load(
-          {
-            "name": spec.backbone,
-            "weights": setting(syn, "backbone_weights", ""),
-            "seed": spec.backbone_seed,
-            "init": setting(syn, "backbone_init", "distinct"),
-            "image_size": setting(setting(data_cfg, "backbone", {}), "image_size", 0),
-          }
-        )
-        _, _, batch, mean, std = _token_settings(data_cfg)
+        planted = backbones.load(planted_cfg)
         tokens_of = backbones.token_fn(planted, spec.grid, mean, std, batch)
         print(f"[synthetic encoding] building {out} ({spec.num_images} images)", flush=True)
         synthetic_encoding.build(spec, tokens_of, out)

@@ -192,5 +192,8 @@ def build(spec: SyntheticEncodingSpec, tokens_of: Any, out_dir: str) -> str:
   )
 
 
-def dataset_path(data_cfg: Any, spec: SyntheticEncodingSpec) -> str:
-  return os.path.join(paths.cache_dir(data_cfg), "synthetic_encoding", spec.key())
+def dataset_path(data_cfg: Any, spec: SyntheticEncodingSpec, backbone_identity: Any) -> str:
+  """Cache folder of the spec's dataset made with this backbone (its weights and inputs)."""
+  blob = json.dumps([spec.key(), backbone_identity], sort_keys=True, default=str)
+  key = hashlib.sha256(blob.encode()).hexdigest()[:12]
+  return os.path.join(paths.cache_dir(data_cfg), "synthetic_encoding", key)
