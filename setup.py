@@ -26,6 +26,7 @@ setup(
   extras_require={
     "test": [
       "pytest==9.0.3",
+      "pytest-xdist==3.8.0",  # the suite runs on 2 workers (pytest.ini): CI's 2 cores
       "hypothesis==6.155.2",
       "ruff==0.17.6",
       "nbformat==5.11.1",
