@@ -11,7 +11,11 @@ from configs import gpt_small
 
 def gpt_runlocal(**overrides) -> ml_collections.ConfigDict:
   """configs/gpt_small.py:runlocal with dotted overrides ('evals.val.every_steps': 1)."""
-  config = gpt_small.get_config("runlocal")
+  return with_overrides(gpt_small.get_config("runlocal"), **overrides)
+
+
+def with_overrides(config: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  """config with dotted-key overrides ('evals.val.every_steps': 1), locked again."""
   config.unlock()
   for key, value in overrides.items():
     node = config

@@ -8,6 +8,7 @@ from pathlib import Path
 import controls
 import numpy as np
 import pytest
+from run_helpers import with_overrides
 
 from boldjax import encoding_maps, train
 from configs import encoding as encoding_config
@@ -17,22 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def small_config(**overrides):
   """runlocal data (240 images, ~380 vertices) trained long enough to learn something."""
-  config = encoding_config.get_config("runlocal")
-  config.unlock()
-  config.total_steps = 200
-  config.log_every = 100
-  config.checkpoint_every = 200
-  config.evals.val.every_steps = 200
-  config.evals.encoding.every_steps = 200
-  config.task.reg_steps = 100
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  config.lock()
-  return config
+  steps = {
+    "total_steps": 200, "log_every": 100, "checkpoint_every": 200,
+    "evals.val.every_steps": 200, "evals.encoding.every_steps": 200, "task.reg_steps": 100,
+  }  # fmt: skip
+  return with_overrides(encoding_config.get_config("runlocal"), **{**steps, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -265,10 +265,9 @@ def make_dataset(
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     ds = ds.map(transforms.SelectKeys(TRAIN_KEYS))[shard_index::shard_count]
   else:
-    cache = token_cache.TokenCache(info.tokens_path)
-    stored = token_cache.decode(np.zeros(1, token_cache._storage_dtype(cache.dtype)), cache.dtype)
+    dtype = token_cache.value_dtype(source.tokens.dtype)
     idx = eval_shard_indices(n, batch_size, shard_index, shard_count)
-    pad = _pad_example(info, stored.dtype)
+    pad = _pad_example(info, dtype)
     ds = grain.MapDataset.source(transforms.IndexedSource(source, idx, pad))
     ds = ds.map(transforms.SelectKeys(EVAL_KEYS))
   ds = ds.batch(batch_size, drop_remainder=train)

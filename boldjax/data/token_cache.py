@@ -85,6 +85,16 @@ def _storage_dtype(dtype: str) -> np.dtype:
   return np.dtype(np.float16 if dtype == "float16" else np.uint16)
 
 
+def value_dtype(dtype: str) -> np.dtype:
+  """The dtype a reader gets back (decode's output) for a cache stored as `dtype`."""
+  _storage_dtype(dtype)  # checks the name
+  if dtype == "float16":
+    return np.dtype(np.float16)
+  import ml_dtypes
+
+  return np.dtype(ml_dtypes.bfloat16)
+
+
 def encode(x: np.ndarray, dtype: str) -> np.ndarray:
   if dtype == "float16":
     return np.asarray(x, np.float16)
@@ -277,16 +287,6 @@ class TokenCache:
     if sizes[name] == 0:
       return store.EmptySource(name)
     return TokenSource(self.path, name, self.dtype)
-
-  def arrays(self, name: str, keys: tuple[str, ...] = ("global",)) -> dict[str, np.ndarray]:
-    """Whole split as float32 arrays (for baselines on small sets)."""
-    src = self.split(name)
-    out = {k: [] for k in keys}
-    for i in range(len(src)):
-      ex = src[i]
-      for k in keys:
-        out[k].append(np.asarray(ex[k], np.float32))
-    return {k: np.stack(v) if v else np.zeros((0,)) for k, v in out.items()}
 
 
 def cached_tokens(

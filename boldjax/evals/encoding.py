@@ -115,9 +115,11 @@ def split_globals(info, split: str) -> tuple[np.ndarray, np.ndarray]:
   from boldjax.data.encoding_pipeline import joined_split
 
   src = joined_split(info, split)
-  g = np.stack([np.asarray(src[i]["global"], np.float32) for i in range(len(src))])
-  y = np.stack([src[i]["fmri"] for i in range(len(src))])
-  return g, y
+  rows = [src[i] for i in range(len(src))]  # one read per record
+  return (
+    np.stack([np.asarray(r["global"], np.float32) for r in rows]),
+    np.stack([r["fmri"] for r in rows]),
+  )
 
 
 @registry.register("evaluator", "encoding")
