@@ -187,7 +187,11 @@ def main(argv: list[str]) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   tmp = f"{stem}.tmp-{os.getpid()}.npz"
   np.savez(tmp, **res)
-  out = draw_maps(res, args.out, num_layers=loaded.info.num_layers)
+  try:  # the .npz lands only with the picture: a failed draw leaves neither
+    out = draw_maps(res, args.out, num_layers=loaded.info.num_layers)
+  except BaseException:
+    os.remove(tmp)
+    raise
   os.replace(tmp, stem + ".npz")
   print(
     f"[encoding maps] wrote {out} and {stem}.npz: median R^2 {np.nanmedian(res['r2']):.3f} "
