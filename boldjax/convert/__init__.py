@@ -9,4 +9,5 @@ from boldjax.convert import (  # noqa: F401  (registration)
   boldgpt,
   lfb,
   semantoks,
+  vision,
 )

@@ -235,34 +235,35 @@ def main(argv: Sequence[str]) -> int:
   options = converter_lib.Options(encoder=args.encoder, atlas=args.atlas, drop=tuple(args.drop))
   scratch = tempfile.mkdtemp(prefix="boldjax-convert-")
   try:
-    # Files the data pipeline must read while the state is built (boldGPT's vocabulary).
+    # Files the data pipeline must read while the state is built (boldGPT's vocabulary, the
+    # vision tower); artifacts may copy them into the workdir, so scratch outlives it.
     notes += converter.configure(config, sd, args.checkpoint, scratch)
     state, conv = build_state(config, converter, sd, options, args.checkpoint)
+    converter.finalize_config(config, os.path.abspath(args.workdir))
+    notes += conv.notes
+    marker = {
+      "family": args.family,
+      "source": os.path.abspath(args.checkpoint),
+      "sha256": sha256(args.checkpoint),
+      "config": args.config,
+      "config_overrides": config_args,
+      "options": dataclasses.asdict(options),
+      "dropped": dropped,
+      "num_tensors": len(sd),
+      "notes": notes,
+      "step": 0,
+      "resumable": False,
+    }
+    write_workdir(args.workdir, config, state, marker, conv.artifacts, args.overwrite)
+    n = sum(int(np.prod(np.shape(x))) for x in _flat(state.params).values())
+    print(
+      f"{PROG}: {args.family} {args.checkpoint} ({len(sd)} tensors) -> {args.workdir} "
+      f"(task {config.task.name}, {n:,} parameters, step 0)"
+    )
+    for note in notes:
+      print(f"  note: {note}")
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
-  converter.finalize_config(config, os.path.abspath(args.workdir))
-  notes += conv.notes
-  marker = {
-    "family": args.family,
-    "source": os.path.abspath(args.checkpoint),
-    "sha256": sha256(args.checkpoint),
-    "config": args.config,
-    "config_overrides": config_args,
-    "options": dataclasses.asdict(options),
-    "dropped": dropped,
-    "num_tensors": len(sd),
-    "notes": notes,
-    "step": 0,
-    "resumable": False,
-  }
-  write_workdir(args.workdir, config, state, marker, conv.artifacts, args.overwrite)
-  n = sum(int(np.prod(np.shape(x))) for x in _flat(state.params).values())
-  print(
-    f"{PROG}: {args.family} {args.checkpoint} ({len(sd)} tensors) -> {args.workdir} "
-    f"(task {config.task.name}, {n:,} parameters, step 0)"
-  )
-  for note in notes:
-    print(f"  note: {note}")
   return 0
 
 

@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from boldjax import registry
 from boldjax.cli import InputError
-from boldjax.convert.files import load_state_dict
+from boldjax.convert.converter import Converted, Converter
+from boldjax.convert.files import load_state_dict, write_safetensors
 from boldjax.convert.tree import set_path
 from boldjax.models.vit import ViTConfig, abstract_params
 
@@ -363,3 +367,119 @@ def config_from_state_dict(sd: Mapping[str, np.ndarray], base: ViTConfig) -> ViT
 
 def _is_square(n: int) -> bool:
   return n > 0 and math.isqrt(n) ** 2 == n
+
+
+# ------------------------------------------------------------ `python -m boldjax.convert`
+
+BACKBONE_FILE = "backbone.safetensors"
+# What config_from_state_dict reads from the weights, compared with config.data.backbone.
+_READ_FROM_WEIGHTS = (
+  "image_size", "patch_size", "width", "channels", "layers", "mlp_ratio", "num_registers",
+  "class_token", "pos_embed_on", "ln_pre", "final_norm", "fc_norm", "output_dim",
+  "layerscale_init", "qkv_bias", "patch_bias",
+)  # fmt: skip
+
+
+def _arch_value(field: str, value: Any) -> Any:
+  """A ViTConfig value as config.data.backbone.arch spells it (0 for None)."""
+  if field in ("output_dim", "layerscale_init") and value is None:
+    return 0
+  return value
+
+
+def check_backbone_sizes(tower: Mapping[str, np.ndarray], config: ViTConfig, source: str) -> None:
+  """The sizes the weights show against the config's ViT; a mismatch names the arch field."""
+  found = config_from_state_dict(tower, config)
+  diffs = []
+  for field in _READ_FROM_WEIGHTS:
+    want, have = getattr(config, field), getattr(found, field)
+    if field == "layerscale_init":  # the weights show only whether there is LayerScale
+      want, have = want is not None, have is not None
+      if want != have:
+        diffs.append((field, config.layerscale_init, 1e-5 if have else None))
+    elif want != have:
+      diffs.append((field, want, have))
+  if diffs:
+    shown = "; ".join(f"{f}: config {_arch_value(f, w)!r}, checkpoint {_arch_value(f, h)!r}"
+                      for f, w, h in diffs)  # fmt: skip
+    flags = " ".join(f"--config.data.backbone.arch.{f}={_arch_value(f, h)}" for f, _, h in diffs)
+    raise InputError(
+      f"{source}: the weights do not fit config.data.backbone (ViT {config.name!r}): "
+      f"{shown}; set {flags} (heads, act and ln_eps are not in the "
+      "weights: check them too)"
+    )
+
+
+class VisionConverter(Converter):
+  """A published open_clip visual tower or timm ViT as the frozen backbone of 'encoding'.
+
+  The encoding task trains FactorTopy on cached tokens; the backbone is not among its params.
+  So the workdir gets the tower itself (checked against config.data.backbone, written
+  torch-free as WORKDIR/backbone.safetensors) and a config whose data.backbone.weights
+  names it; FactorTopy starts from its fresh init. Building the state runs the backbone over
+  the stimulus set once: the token cache it writes is keyed by the tower's sha256, so
+  training on the converted backbone reads it.
+  """
+
+  tasks = ("encoding",)
+
+  def __init__(self, family: str):
+    self.name = family
+    self._scratch_path: str | None = None
+
+  def configure(self, config, sd, source, scratch) -> list:
+    from boldjax.data import backbones
+
+    bcfg = config.data.backbone
+    given = str(bcfg.get("weights") or "")
+    if given:
+      raise InputError(
+        f"config.data.backbone.weights: expected it unset (the converter points it at the "
+        f"tower of {source}), found {given!r}"
+      )
+    family, tower, notes = take_tower(sd)
+    if family != self.name:
+      raise InputError(
+        f"{source}: expected {self.name} weights, found a {family} state_dict (run "
+        f"`python -m boldjax.convert {family} ...`)"
+      )
+    vit_config = backbones.backbone_config(bcfg)
+    check_backbone_sizes(tower, vit_config, source)
+    _, more = convert_state_dict(tower, vit_config, source=source)  # every key and shape
+    path = os.path.join(scratch, BACKBONE_FILE)
+    write_safetensors(path, tower)
+    with config.unlocked():
+      bcfg.weights = path
+    self._scratch_path = path
+    n = sum(int(np.prod(a.shape)) for a in tower.values())
+    return (
+      notes
+      + more
+      + [
+        f"config.data.backbone.weights = WORKDIR/{BACKBONE_FILE} (the {family} tower, "
+        f"{len(tower)} tensors, {n:,} parameters, checked against {vit_config.name!r})",
+        "FactorTopy starts from its fresh init: train it on this backbone with "
+        f"--config.data.backbone.weights=WORKDIR/{BACKBONE_FILE} and the same config",
+      ]
+    )
+
+  def convert(self, sd, task, fresh, fresh_extra, info, options, source) -> Converted:
+    del sd, task, fresh_extra, options, source
+    scratch = self._scratch_path
+
+    def save(f) -> None:
+      with open(scratch, "rb") as src:
+        shutil.copyfileobj(src, f)
+
+    notes = [f"token cache of this tower (reused by training): {info.tokens_path}"]
+    return Converted(params=fresh, notes=notes, artifacts={BACKBONE_FILE: save})
+
+  def finalize_config(self, config, workdir) -> None:
+    if self._scratch_path and config.data.backbone.get("weights") == self._scratch_path:
+      with config.unlocked():
+        config.data.backbone.weights = os.path.join(workdir, BACKBONE_FILE)
+    self._scratch_path = None
+
+
+for _family in FAMILIES:
+  registry.register("converter", _family)(VisionConverter(_family))

@@ -1,9 +1,12 @@
 """The frozen vision backbone a config names: a ViT preset plus published weights or a seed.
 
-config.data.backbone = {name: a models/vit.py preset, weights: "" (random init from `seed`)
-or a published open_clip / timm file (.safetensors, .npz; torch pickles with allow_pickle),
-image_size: 0 (the preset's) or the size images are resized to before the backbone (its
-position embeddings are resampled to the new grid, as timm and open_clip do)}.
+config.data.backbone = {name: a models/vit.py preset, arch: ViTConfig fields that replace
+the preset's (None: the preset's; 0 for output_dim / layerscale_init: none), so that other
+sizes and variants (a CLIP ViT-L/14, GELU instead of QuickGELU, registers) need no new
+preset, weights: "" (random init from `seed`) or a published open_clip / timm file
+(.safetensors, .npz; torch pickles with allow_pickle), image_size: 0 (the preset's) or the
+size images are resized to before the backbone (its position embeddings are resampled to
+the new grid, as timm and open_clip do)}.
 """
 
 from __future__ import annotations
@@ -37,6 +40,63 @@ def preset(name: str) -> Any:
   return vit.PRESETS[name]
 
 
+_ARCH_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+_NONE_AS_ZERO = ("output_dim", "layerscale_init")  # Optional fields: 0 in arch means None
+
+
+def arch_fields() -> dict[str, type]:
+  """ViTConfig field -> the type its command-line override parses to."""
+  from boldjax.models import vit
+
+  return {
+    f.name: _ARCH_TYPES[str(f.type).replace(" | None", "")]
+    for f in dataclasses.fields(vit.ViTConfig)
+    if f.name != "name"
+  }
+
+
+def arch_config() -> Any:
+  """config.data.backbone.arch: one typed placeholder per ViTConfig field (None: the
+  preset's), so `--config.data.backbone.arch.width=1024` parses on the command line."""
+  import ml_collections
+  from ml_collections import config_dict
+
+  return ml_collections.ConfigDict(
+    {name: config_dict.placeholder(kind) for name, kind in arch_fields().items()}
+  )
+
+
+def arch_overrides(bcfg: Any) -> dict[str, Any]:
+  """The fields config.data.backbone.arch sets (0 -> None for the optional ones)."""
+  arch = setting(bcfg, "arch", None) or {}
+  known = arch_fields()
+  unknown = sorted(set(arch) - set(known))
+  if unknown:
+    raise InputError(
+      f"config.data.backbone.arch: expected fields of {sorted(known)}, found {unknown}"
+    )
+  out = {}
+  for name, value in arch.items():
+    if value is None:
+      continue
+    if name in _NONE_AS_ZERO and not value:
+      value = None
+    out[name] = value
+  return out
+
+
+def backbone_config(bcfg: Any) -> Any:
+  """The ViTConfig of config.data.backbone: its preset with the arch overrides applied."""
+  base = preset(str(setting(bcfg, "name", "tiny")))
+  changes = arch_overrides(bcfg)
+  if not changes:
+    return base
+  try:
+    return dataclasses.replace(base, **changes, name=f"{base.name}+arch")
+  except InputError as e:
+    raise InputError(f"config.data.backbone.arch: {e}") from e
+
+
 def weights_identity(bcfg: Any) -> str:
   """What the tokens depend on besides the config: the weights file's sha256, or the seed
   and init of random weights (cheap: a cache hit never loads the weights)."""
@@ -56,7 +116,7 @@ def load(bcfg: Any) -> Backbone:
   from boldjax.models import vit
 
   name = str(setting(bcfg, "name", "tiny"))
-  config = preset(name)
+  config = backbone_config(bcfg)
   weights = str(setting(bcfg, "weights", ""))
   if weights:
     from boldjax.convert import vision

@@ -51,6 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
       "image_size": 0,
     }
   )
+  c.backbone.arch = backbones.arch_config()  # ViTConfig fields replacing the preset's
   c.tokens = ml_collections.ConfigDict(
     {
       "grid": (8, 8),
@@ -159,7 +160,7 @@ def prepare(data_cfg: Any) -> EncodingInfo:
   grid, dtype, batch, mean, std = _token_settings(data_cfg)
   bcfg = setting(data_cfg, "backbone", {})
   name = str(setting(bcfg, "name", "tiny"))
-  config = backbones.preset(name)
+  config = backbones.backbone_config(bcfg)
 
   def make_fn():
     return backbones.token_fn(backbones.load(bcfg), grid, mean, std, batch)
