@@ -12,6 +12,7 @@ from typing import Any
 from boldjax.data import (  # noqa: F401
   bold_pipeline,
   encoding_pipeline,
+  fmri2img_pipeline,
   importers,
   pipeline,
 )
