@@ -11,4 +11,5 @@ from boldjax.evals import (  # noqa: F401
   labels,
   loss,
   probe_evaluator,
+  reconstruction,
 )
