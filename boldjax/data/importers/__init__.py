@@ -12,6 +12,7 @@ and one line in the import list below.
   synthetic_parcellated  the embedded synthetic parcellated runs
   images                 a folder of PNG/JPEG -> image stimuli
   nsd_images             NSD's nsd_stimuli.hdf5 brick -> image stimuli
+  nsd_betas              NSD single-trial betas + design + brick -> trials (fmri2img)
   synthetic_images       the embedded synthetic image stimuli
   algonauts              Algonauts 2023 subject folder -> image stimuli + fsaverage responses
 
@@ -27,6 +28,7 @@ from boldjax.data.importers import (  # noqa: F401  (registration)
   hdf5,
   images,
   nifti,
+  nsd_betas,
   nsd_flat,
   synthetic,
   webdataset,
