@@ -274,3 +274,33 @@ def test_refusals_name_file_and_field(tmp_path, capsys, monkeypatch, case, match
   prepare_refuses(capsys, [*argv, f"--out={out}", "--size=8", *extra], match, out)
   assert os.listdir(tmp_path / "scratch") == []
   assert [p for p in os.listdir(tmp_path) if p.startswith("out")] == []
+
+
+def test_feeds_the_trials_pipeline(tmp_path):
+  """The fmri2img pipeline reads the prepared folder: eval rows average each test image's
+  repeats and carry its brick image."""
+  from boldjax.data import fmri2img_pipeline
+
+  argv, truth = _layout(tmp_path, formats={1: "nii.gz"})
+  out = prepare.main([*map(str, argv), f"--out={tmp_path / 'ds'}", "--size=16"])
+  cfg = fmri2img_pipeline.default_config()
+  cfg.source, cfg.path = "trials", out
+  info = fmri2img_pipeline.prepare(cfg)
+  assert info.num_voxels == int((truth["roi"] > 0).sum()) and info.image_size == 16
+  ds = trial_records.open_trials(out)
+  stored, index = ds.betas("test"), ds.index("test")
+  batches = fmri2img_pipeline.make_dataset(
+    cfg, info, split="test", train=False, seed=0, batch_size=4
+  )
+  rows = 0
+  for batch in batches:
+    for fmri, image, image_id in zip(
+      batch["fmri"][batch["valid"]], batch["image"][batch["valid"]],
+      batch["image_id"][batch["valid"]], strict=True,
+    ):  # fmt: skip
+      rows += 1
+      mean = stored[index["image_id"] == image_id].mean(0)
+      np.testing.assert_allclose(fmri, mean, rtol=1e-5, atol=1e-5)
+      pixels = image_records.resize_image(truth["brick"][image_id], 16)
+      np.testing.assert_allclose(image, pixels / 127.5 - 1.0, atol=1e-6)
+  assert rows == ds.meta["split_images"]["test"] == 3
