@@ -295,3 +295,41 @@ def test_stimulus_images_reads_trials_stimulus_and_the_synthetic_default(synthet
 def test_trials_source_needs_a_path(tmp_path):
   with pytest.raises(InputError, match="config.data.path: source 'trials'"):
     fp.Fmri2ImgPipeline.prepare(_data_cfg(tmp_path, source="trials"))
+
+
+class _LazyBetas:
+  """A lazy (T, V) source that only offers iter_positions (like per-session beta files)."""
+
+  def __init__(self, betas):
+    self.betas, self.calls = betas, 0
+
+  def __len__(self):
+    return len(self.betas)
+
+  def __getitem__(self, i):
+    if i != 0:
+      raise AssertionError("rows other than the first must come through iter_positions")
+    return self.betas[0]
+
+  def iter_positions(self, positions):
+    self.calls += 1
+    assert (np.diff(positions) > 0).all()
+    return (self.betas[p] for p in positions)
+
+
+@pytest.mark.parametrize("kind", ["list", "lazy"])
+def test_betas_from_sequences_and_lazy_sources_match_the_array(tmp_path, kind):
+  images, ids, split, trial_ids, betas = _layout()
+  vox = _voxels(betas.shape[1])
+  ref = trial_records.write_trial_dataset(
+    str(tmp_path / "ref"), images, ids, betas, trial_ids, image_split=split, voxels=vox
+  )
+  given = list(betas) if kind == "list" else _LazyBetas(betas)
+  out = trial_records.write_trial_dataset(
+    str(tmp_path / "out"), images, ids, given, trial_ids, image_split=split, voxels=vox
+  )
+  a, b = trial_records.open_trials(ref), trial_records.open_trials(out)
+  for name in ("train", "val", "test"):
+    np.testing.assert_array_equal(a.betas(name), b.betas(name))
+  if kind == "lazy":
+    assert given.calls == 4  # train twice (statistics, records), then val and test

@@ -121,12 +121,16 @@ def _check_finite(rows: np.ndarray, trials: np.ndarray, where: str) -> None:
 def _read_rows(
   betas: Any, positions: np.ndarray, num_voxels: int, where: str
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """(trial positions, (k, V) float64 rows) in chunks: arrays sliced, sequences per row; a
-  lazy source may offer iter_positions(positions) -> rows."""
+  """(trial positions, (k, V) float64 rows) in chunks: numpy/h5py arrays sliced, other
+  sequences read per row; a lazy source may offer iter_positions(positions) -> the rows at
+  those increasing positions (e.g. one beta file per session, read once)."""
   chunk = max(1, _CHUNK_BYTES // (8 * max(num_voxels, 1)))
   read = getattr(betas, "iter_positions", None)
   rows_iter = read(positions) if read is not None else None
-  array_like = rows_iter is None and hasattr(betas, "shape") and hasattr(betas, "dtype")
+  # numpy arrays / memmaps and h5py datasets are read a chunk of rows at a time
+  array_like = rows_iter is None and (
+    isinstance(betas, np.ndarray) or type(betas).__module__.startswith("h5py")
+  )
   if array_like and (len(betas.shape) != 2 or np.dtype(betas.dtype).kind not in "iuf"):
     raise InputError(
       f"{where}: field 'betas' expected (T, {num_voxels}) numbers, found {betas.dtype} "
@@ -134,7 +138,7 @@ def _read_rows(
     )
   for lo in range(0, len(positions), chunk):
     pos = positions[lo : lo + chunk]
-    if array_like:  # numpy, memmap, h5py (increasing positions)
+    if array_like:  # positions increase, as h5py needs
       block = np.asarray(betas[pos], np.float64)
     else:
       raw = (
