@@ -97,20 +97,22 @@ def test_two_way_needs_two_images():
 # ----------------------------------------------------------------------------------- ridge
 
 
-def test_ridge_matches_sklearn_and_picks_alpha_on_val():
+@pytest.mark.parametrize("n_train", [60, 20])  # more images than voxels, and fewer
+def test_ridge_matches_sklearn_and_picks_alpha_on_val(n_train):
   from sklearn.linear_model import Ridge
 
   rng = np.random.default_rng(3)
-  x = rng.normal(size=(90, 30))
-  y = x @ rng.normal(size=(30, 7)) + rng.normal(scale=3.0, size=(90, 7)) + 2.0
-  fit = rec.fit_ridge(x[:60], y[:60], x[60:], y[60:], alphas=(0.1, 10.0, 1000.0))
+  x = rng.normal(size=(n_train + 30, 30))
+  y = x @ rng.normal(size=(30, 7)) + rng.normal(scale=3.0, size=(n_train + 30, 7)) + 2.0
+  tr, va = slice(0, n_train), slice(n_train, None)
+  fit = rec.fit_ridge(x[tr], y[tr], x[va], y[va], alphas=(0.1, 10.0, 1000.0))
   assert fit.alpha == min(fit.val_mse, key=fit.val_mse.get)
   for alpha in (0.1, 10.0, 1000.0):
-    ref = Ridge(alpha=alpha).fit(x[:60], y[:60])
-    mse = np.mean((ref.predict(x[60:]) - y[60:]) ** 2)
+    ref = Ridge(alpha=alpha).fit(x[tr], y[tr])
+    mse = np.mean((ref.predict(x[va]) - y[va]) ** 2)
     assert fit.val_mse[alpha] == pytest.approx(mse, rel=1e-4)
-  ref = Ridge(alpha=fit.alpha).fit(x[:60], y[:60])
-  np.testing.assert_allclose(fit.predict(x[60:]), ref.predict(x[60:]), rtol=1e-4, atol=1e-4)
+  ref = Ridge(alpha=fit.alpha).fit(x[tr], y[tr])
+  np.testing.assert_allclose(fit.predict(x[va]), ref.predict(x[va]), rtol=1e-4, atol=1e-4)
 
 
 def test_ridge_pixels_exact_on_a_linear_forward_model():

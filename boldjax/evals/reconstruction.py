@@ -124,21 +124,36 @@ def fit_ridge(
   alphas: tuple[float, ...] = RIDGE_ALPHAS,
 ) -> RidgeFit:
   """Multi-output ridge (sklearn Ridge(alpha, fit_intercept=True) for each alpha) with the
-  alpha of the lowest validation MSE. One SVD of the centred x serves every alpha."""
+  alpha of the lowest validation MSE.
+
+  One eigendecomposition of the smaller Gram matrix of the centred x (voxels x voxels, or
+  images x images when there are fewer images) serves every alpha; the products with the
+  targets (n x D, D = pixels) run once, in float32.
+  """
   x = np.asarray(x_train, np.float64)
-  y = np.asarray(y_train, np.float64).reshape(len(y_train), -1)
-  x_mean, y_mean = x.mean(0), y.mean(0)
-  u, s, vt = np.linalg.svd(x - x_mean, full_matrices=False)
-  uty = (u.T @ (y - y_mean)).astype(np.float32)  # (k, D)
-  a = ((np.asarray(x_val, np.float64) - x_mean) @ vt.T).astype(np.float32)  # (n_val, k)
+  y = np.asarray(y_train, np.float32).reshape(len(y_train), -1)
+  x_mean, y_mean = x.mean(0), y.mean(0, dtype=np.float64)
+  xc, yc = x - x_mean, y - y_mean.astype(np.float32)
+  xv = np.asarray(x_val, np.float64) - x_mean
+  primal = xc.shape[1] <= xc.shape[0]
+  lam, vec = np.linalg.eigh(xc.T @ xc if primal else xc @ xc.T)
+  lam = np.maximum(lam, 0.0)
+  if primal:  # coef = V diag(1 / (lam + alpha)) V^T X^T Y
+    back = vec
+    proj = (xv @ vec).astype(np.float32)
+    q = vec.T.astype(np.float32) @ (xc.T.astype(np.float32) @ yc)
+  else:  # coef = X^T U diag(1 / (lam + alpha)) U^T Y
+    back = xc.T @ vec
+    proj = (xv @ back).astype(np.float32)
+    q = vec.T.astype(np.float32) @ yc
   yv = (np.asarray(y_val, np.float64).reshape(len(y_val), -1) - y_mean).astype(np.float32)
   val_mse = {}
   for alpha in alphas:
-    f = (s / (s**2 + alpha)).astype(np.float32)
-    val_mse[float(alpha)] = float(np.mean(np.square((a * f) @ uty - yv)))
+    f = (1.0 / (lam + alpha)).astype(np.float32)
+    val_mse[float(alpha)] = float(np.mean(np.square((proj * f) @ q - yv)))
   best = min(val_mse, key=val_mse.get)
-  coef = (vt.T * (s / (s**2 + best))) @ uty.astype(np.float64)
-  intercept = y_mean - x_mean @ coef
+  coef = (back / (lam + best)).astype(np.float32) @ q
+  intercept = y_mean - x_mean @ coef.astype(np.float64)
   return RidgeFit(coef.astype(np.float32), intercept.astype(np.float32), best, val_mse)
 
 
