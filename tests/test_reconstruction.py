@@ -293,3 +293,60 @@ def test_gallery_cli_refuses_bad_input(tmp_path, capsys):
 
 def test_jax_devices_are_faked():
   assert jax.device_count() == 8  # the evaluator's batches are sharded over them
+
+
+# ------------------------------------------- with the real task, VAE and synthetic data
+
+
+def test_reconstructor_on_the_fmri2img_task_and_synthetic_data():
+  """The fmri2img task (a tiny random VAE) on a small synthetic default: the evaluator's
+  model row equals metrics recomputed from task.features on the eval rows, and the ridge ->
+  latent baseline goes through the task's frozen encoder and decoder."""
+  from boldjax.data import fmri2img_pipeline
+  from boldjax.models import vae as vae_lib
+  from boldjax.tasks.fmri2img import Fmri2ImgTask
+
+  vcfg = vae_lib.preset("small", block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1)
+  rng = np.random.default_rng(1)
+
+  def leaf(path, a):
+    scale = jax.tree_util.keystr(path).endswith("['scale']")
+    return (scale + rng.normal(0, 0.2, a.shape)).astype(np.float32)
+
+  vae_params = jax.tree_util.tree_map_with_path(leaf, vae_lib.abstract_params(vcfg))
+  config = ml_collections.ConfigDict({
+    "seed": 0, "data": fmri2img_pipeline.default_config(),
+    "task": {"name": "fmri2img", "decoder_from": "", "objective": "pixel", "latent_weight": 0.5},
+    "model": {"name": "fmri2img", "hidden": (32, 64), "latent_size": 8, "dtype": "float32"},
+  })  # fmt: skip
+  config.data.synthetic.update(
+    {"num_images": 96, "image_size": 16, "num_voxels": 40, "val_images": 16, "test_images": 16}
+  )
+  config.data.eval_batch_size = 16
+  info = fmri2img_pipeline.prepare(config.data)
+  task = Fmri2ImgTask(config, info, vae=(vcfg, vae_params))
+  test = rec.collect_split(config, info, "test")
+  params, extra = task.init(
+    jax.random.key(0),
+    {"fmri": test.fmri[:8], "image": test.image[:8], "valid": np.ones(8, bool)},
+  )
+  params = jax.tree.map(lambda a: getattr(a, "value", a), params,
+                        is_leaf=lambda a: hasattr(a, "value"))  # fmt: skip
+  mesh = sharding.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)))
+  res = rec.Reconstructor(task, config, info, mesh, ()).run(params, extra)
+  assert len(res.truth) == 16 and set(res.recon) == set(rec.METHODS)
+  direct = task.features(
+    task.feature_params(params, extra),
+    {"fmri": test.fmri, "image": test.image, "valid": np.ones(16, bool)},
+  )["recon"]
+  np.testing.assert_allclose(res.recon["model"], np.asarray(direct), atol=1e-5)
+  want = np.mean(rec.pixel_correlation(np.asarray(direct), test.image))
+  assert res.metrics["model"]["pixel_corr"] == pytest.approx(want, abs=1e-5)
+  latents = np.asarray(task.encode_images(extra, test.image))
+  assert latents.shape == (16, 8, 8, 4)
+  for method in rec.METHODS:
+    m = res.metrics[method]
+    assert set(m) == {"pixel_corr", "ssim", "twoway_pixel", "twoway_latent"}, method
+    assert all(np.isfinite(v) for v in m.values()), (method, m)
+  assert res.metrics["mean_image"]["twoway_pixel"] == pytest.approx(0.5)
+  assert res.recon["ridge_latent"].min() >= -1 and res.recon["ridge_latent"].max() <= 1
