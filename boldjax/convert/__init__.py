@@ -7,6 +7,7 @@ module and one line here.
 from boldjax.convert import (  # noqa: F401  (registration)
   bddn,
   boldgpt,
+  fmri2img,
   lfb,
   semantoks,
   vision,

@@ -6,6 +6,7 @@ from boldjax.tasks import (
   decode,  # noqa: F401  (registers "decode")
   dino,  # noqa: F401  (registers "dino")
   encoding,  # noqa: F401  (registers "encoding")
+  fmri2img,  # noqa: F401  (registers "fmri2img")
   net_bert,  # noqa: F401  (registers "net_bert")
   next_patch,  # noqa: F401  (registers "next_patch")
   seq_bert,  # noqa: F401  (registers "seq_bert")
