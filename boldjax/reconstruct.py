@@ -66,11 +66,12 @@ def run_results(loaded: Any, split: str, *, baselines: bool = True) -> Any:
   """The reconstruction results of a loaded fmri2img run on one split."""
   from boldjax.evals import reconstruction
 
-  cfg = dict(reconstruction.evaluator_settings(loaded.config))
-  cfg["baselines"] = baselines
+  name, settings = reconstruction.evaluator_settings(loaded.config)
+  cfg = {**dict(settings), "baselines": baselines}
   rec = reconstruction.reconstructor_for(
-    loaded.task, loaded.config, loaded.info, loaded.mesh, loaded.rules, cfg, split=split
-  )
+    loaded.task, loaded.config, loaded.info, loaded.mesh, loaded.rules, cfg, split=split,
+    name=name,
+  )  # fmt: skip
   return rec.run(loaded.state.params, loaded.state.extra)
 
 

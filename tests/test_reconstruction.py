@@ -350,3 +350,68 @@ def test_reconstructor_on_the_fmri2img_task_and_synthetic_data():
     assert all(np.isfinite(v) for v in m.values()), (method, m)
   assert res.metrics["mean_image"]["twoway_pixel"] == pytest.approx(0.5)
   assert res.recon["ridge_latent"].min() >= -1 and res.recon["ridge_latent"].max() <= 1
+
+
+# ------------------------------------------------------------------- end to end (slow)
+
+
+@pytest.fixture(scope="module")
+def fmri2img_run(tmp_path_factory):
+  """configs/vae.py:runlocal, then configs/fmri2img.py:runlocal decoding through it."""
+  from run_helpers import with_overrides
+
+  from boldjax import train
+
+  vae_config = pytest.importorskip("configs.vae")
+  fmri2img_config = pytest.importorskip("configs.fmri2img")
+  root = tmp_path_factory.mktemp("fmri2img")
+  train.run(vae_config.get_config("runlocal"), str(root / "vae"))
+  config = with_overrides(fmri2img_config.get_config("runlocal"), **{
+    "task.decoder_from": str(root / "vae"),
+  })  # fmt: skip
+  final = train.run(config, str(root / "run"))
+  return str(root / "run"), final
+
+
+@pytest.mark.slow
+def test_reconstruct_cli_writes_the_gallery_and_the_run_metrics(fmri2img_run, tmp_path, capsys):
+  from boldjax import reconstruct
+
+  workdir, final = fmri2img_run
+  out = tmp_path / "gallery.png"
+  reconstruct.main([f"--workdir={workdir}", f"--out={out}", "--n=6"])
+  assert out.stat().st_size > 10_000
+  printed = capsys.readouterr().out
+  rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.strip()}
+  for method in rec.METHODS:
+    assert method in rows, printed
+  # The same numbers as the run's own final evaluation (when its config has the evaluator).
+  key = "reconstruction/test/model/twoway_pixel"
+  if key in final:
+    cols = rows["method"]
+    got = float(rows["model"][cols.index("twoway_pixel")])
+    assert got == pytest.approx(final[key], abs=1e-4), (got, final[key])
+
+
+@pytest.mark.slow
+def test_reconstruction_colab_executes(fmri2img_run, tmp_path, monkeypatch):
+  import os
+  from pathlib import Path
+
+  import nbformat
+  from nbclient import NotebookClient
+
+  repo = Path(__file__).resolve().parents[1]
+  workdir, _ = fmri2img_run
+  monkeypatch.setenv("BOLDJAX_WORKDIR", workdir)
+  monkeypatch.setenv("BOLDJAX_COLAB_OUT", str(tmp_path))
+  monkeypatch.setenv("PYTHONPATH", f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  nb = nbformat.read(repo / "colabs" / "reconstruction.ipynb", as_version=4)
+  NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(repo)}}
+  ).execute()
+  outputs = "".join(
+    o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+  )
+  assert "ridge_pixels" in outputs and "model beats" in outputs, outputs[-2000:]
+  assert (tmp_path / "reconstructions.png").stat().st_size > 10_000

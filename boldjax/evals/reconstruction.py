@@ -271,14 +271,15 @@ class BackboneSpace:
     return batched(lambda x: self._features(self.backbone.params, x), images, self.batch_size)
 
 
-def backbone_wanted(bcfg: Any) -> str:
-  """'' when a backbone space should be measured, else why it is skipped."""
+def backbone_wanted(bcfg: Any, where: str = "config.evals.reconstruction.backbone") -> str:
+  """'' when a backbone space should be measured, else why it is skipped (random weights
+  only with allow_random, for tests: they measure nothing)."""
   from boldjax.data.paths import setting
 
   if not bcfg or not str(setting(bcfg, "name", "") or ""):
-    return "no backbone configured (config.evals.<name>.backbone)"
+    return f"no backbone configured ({where}.name)"
   if not str(setting(bcfg, "weights", "") or "") and not bool(setting(bcfg, "allow_random", False)):
-    return "no backbone weights (config.evals.<name>.backbone.weights)"
+    return f"no backbone weights ({where}.weights)"
   return ""
 
 
@@ -359,11 +360,12 @@ class Reconstructor:
   def __init__(
     self, task: Any, config: Any, info: Any, mesh: Any, rules: Any, *, split: str = "test",
     backbone: Any = None, baselines: bool = True, alphas: tuple[float, ...] = RIDGE_ALPHAS,
+    name: str = "reconstruction",
   ):  # fmt: skip
     self.task, self.config, self.info = task, config, info
     self.mesh, self.rules, self.split = mesh, rules, split
     self.with_baselines, self.alphas = baselines, tuple(alphas)
-    self.backbone_cfg = backbone
+    self.backbone_cfg, self.name = backbone, name
     self._predict = jax.jit(lambda p, b: task.features(p, b)["recon"])
     self._fixed: dict[str, Any] | None = None
 
@@ -375,7 +377,7 @@ class Reconstructor:
     skipped = {}
     if vae is None:
       skipped["twoway_latent"] = "the task has no encode_images (no frozen VAE)"
-    why = backbone_wanted(self.backbone_cfg)
+    why = backbone_wanted(self.backbone_cfg, f"config.evals.{self.name}.backbone")
     backbone = None if why else BackboneSpace(self.backbone_cfg, batch)
     if why:
       skipped["twoway_backbone"] = why
@@ -442,21 +444,25 @@ def format_table(results: Results) -> str:
   return "\n".join(lines)
 
 
-def evaluator_settings(config: Any) -> ml_collections.ConfigDict | dict:
-  """The config.evals entry of type 'reconstruction' ({} when the run has none)."""
-  for ev in config.get("evals", {}).values():
+def evaluator_settings(config: Any) -> tuple[str, Any]:
+  """(name, settings) of the config.evals entry of type 'reconstruction' (("reconstruction",
+  {}) when the run has none)."""
+  for name, ev in config.get("evals", {}).items():
     if ev.get("type") == "reconstruction":
-      return ev
-  return {}
+      return name, ev
+  return "reconstruction", {}
 
 
-def reconstructor_for(task: Any, config: Any, info: Any, mesh: Any, rules: Any, cfg: Any,
-                      split: str | None = None) -> Reconstructor:  # fmt: skip
+def reconstructor_for(
+  task: Any, config: Any, info: Any, mesh: Any, rules: Any, cfg: Any,
+  split: str | None = None, name: str = "reconstruction",
+) -> Reconstructor:  # fmt: skip
+  """A Reconstructor from evaluator settings: split, backbone, baselines, ridge_alphas."""
   cfg = cfg or {}
   return Reconstructor(
     task, config, info, mesh, rules, split=split or cfg.get("split", "test"),
     backbone=cfg.get("backbone", None), baselines=bool(cfg.get("baselines", True)),
-    alphas=tuple(cfg.get("ridge_alphas", None) or RIDGE_ALPHAS),
+    alphas=tuple(cfg.get("ridge_alphas", None) or RIDGE_ALPHAS), name=name,
   )  # fmt: skip
 
 
@@ -468,7 +474,7 @@ class ReconstructionEvaluator:
   def __init__(self, name: str, cfg: ml_collections.ConfigDict, *, task, info, config, mesh, rules):
     self.name = name
     self.every_steps = cfg.every_steps
-    self.reconstructor = reconstructor_for(task, config, info, mesh, rules, cfg)
+    self.reconstructor = reconstructor_for(task, config, info, mesh, rules, cfg, name=name)
     self._said_skipped = False
 
   def run(self, state, step: int) -> Iterator[tuple[str, float]]:
