@@ -235,15 +235,20 @@ def test_evaluator_scores_model_and_baselines():
 
 
 def test_evaluator_backbone_space_with_random_weights_when_allowed():
-  ev = make_evaluator(
-    baselines=False,
-    backbone=ml_collections.ConfigDict({"name": "tiny", "allow_random": True, "image_size": 32}),
-  )
+  cfg = rec.default_config(every_steps=1)
+  cfg.baselines = False
+  cfg.backbone.update({"name": "tiny", "allow_random": True, "image_size": 32})
+  ev = make_evaluator(**cfg)
   out = dict(ev.run(State(1.0), 1))
   assert out["reconstruction/test/model/twoway_backbone"] == 1.0
   assert "reconstruction/test/ridge_pixels/ssim" not in out
+  assert rec.backbone_wanted(rec.default_config(1).backbone).startswith("no backbone configured")
   assert rec.backbone_wanted({"name": "tiny"}).startswith("no backbone weights")
   assert rec.backbone_wanted({}).startswith("no backbone configured")
+  from boldjax.cli import InputError
+
+  with pytest.raises(InputError, match=r"backbone.name: expected the ViT preset"):
+    rec.backbone_wanted({"weights": "vit.safetensors"})
 
 
 def test_gallery_draws_every_row(tmp_path):

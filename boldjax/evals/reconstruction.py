@@ -274,13 +274,50 @@ class BackboneSpace:
 def backbone_wanted(bcfg: Any, where: str = "config.evals.reconstruction.backbone") -> str:
   """'' when a backbone space should be measured, else why it is skipped (random weights
   only with allow_random, for tests: they measure nothing)."""
+  from boldjax.cli import InputError
   from boldjax.data.paths import setting
 
-  if not bcfg or not str(setting(bcfg, "name", "") or ""):
-    return f"no backbone configured ({where}.name)"
-  if not str(setting(bcfg, "weights", "") or "") and not bool(setting(bcfg, "allow_random", False)):
+  name = str(setting(bcfg, "name", "") or "") if bcfg else ""
+  weights = str(setting(bcfg, "weights", "") or "") if bcfg else ""
+  if not name and not weights:
+    return f"no backbone configured ({where}.name and .weights)"
+  if not name:
+    raise InputError(
+      f"{where}.name: expected the ViT preset of the weights {weights!r} (e.g. clip_b16), found ''"
+    )
+  if not weights and not bool(setting(bcfg, "allow_random", False)):
     return f"no backbone weights ({where}.weights)"
   return ""
+
+
+def default_config(every_steps: int, split: str = "test") -> ml_collections.ConfigDict:
+  """config.evals.<name> of a reconstruction evaluator, every field overridable from the
+  command line (backbone: config.data.backbone's fields plus layer, mean, std)."""
+  from boldjax.data import backbones, token_cache
+
+  c = ml_collections.ConfigDict(
+    {
+      "type": "reconstruction",
+      "split": split,
+      "every_steps": every_steps,
+      "baselines": True,
+      "ridge_alphas": RIDGE_ALPHAS,
+      "backbone": {
+        "name": "",  # a models/vit.py preset (clip_b16, ...): with weights, else skipped
+        "weights": "",  # open_clip / timm .safetensors or .npz
+        "allow_pickle": False,
+        "image_size": 0,  # 0: the preset's
+        "layer": -1,  # whose global token (class token, or mean patch token)
+        "mean": token_cache.IMAGENET_MEAN,
+        "std": token_cache.IMAGENET_STD,
+        "seed": 0,
+        "init": "model",
+        "allow_random": False,  # tests only: random weights measure nothing
+      },
+    }
+  )
+  c.backbone.arch = backbones.arch_config()
+  return c
 
 
 # ------------------------------------------------------------------------------ scoring
