@@ -10,5 +10,6 @@ from boldjax.convert import (  # noqa: F401  (registration)
   fmri2img,
   lfb,
   semantoks,
+  vae,
   vision,
 )

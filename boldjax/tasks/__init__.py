@@ -10,4 +10,5 @@ from boldjax.tasks import (
   net_bert,  # noqa: F401  (registers "net_bert")
   next_patch,  # noqa: F401  (registers "next_patch")
   seq_bert,  # noqa: F401  (registers "seq_bert")
+  vae,  # noqa: F401  (registers "vae")
 )
