@@ -20,6 +20,7 @@ import ml_collections
 from boldjax.config_utils import parse_arg
 from boldjax.data import fmri2img_pipeline
 from boldjax.models.vae import PRESETS
+from boldjax.tasks import vae as vae_task
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -52,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "init_from": "",
     }
   )
-  c.model = ml_collections.ConfigDict({"name": "vae", "preset": arg.preset, "dtype": "float32"})
+  c.model = vae_task.model_config(arg.preset)  # + VAEConfig fields overriding the preset
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-3

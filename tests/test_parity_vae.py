@@ -305,6 +305,7 @@ def test_converter_names_the_config_model_field(small) -> None:
   assert "\n" not in msg and msg.startswith("sd.safetensors: the VAE weights do not fit"), msg
   assert "config.model.block_out_channels: config (32, 64, 64), checkpoint (32, 64)" in msg
   assert "config.model.latent_channels: config 8, checkpoint 4" in msg, msg
+  assert "set --config.model.block_out_channels=(32,64) --config.model.latent_channels=4" in msg
 
   class Fits:
     vae_config = config
@@ -313,3 +314,42 @@ def test_converter_names_the_config_model_field(small) -> None:
   jax.tree.map(np.testing.assert_array_equal, out.params, fixture_run(CASES[0])[3])
   path = ("decoder", "mid_block", "attentions_0", "to_out", "kernel")
   assert conv.torch_name(path) == "decoder.mid_block.attentions.0.to_out.0.weight"
+
+
+# ---------------------------------------------------------------------- 6. the convert CLI
+
+
+@pytest.mark.parametrize("case", CASES[:1])
+def test_convert_cli_writes_a_vae_workdir_with_the_fixture_outputs(tmp_path, case) -> None:
+  """`python -m boldjax.convert sd_vae FILE --config=configs/vae.py` (sizes as overrides):
+  the workdir's params, loaded as fmri2img loads them, give the fixture's outputs; a file
+  that does not fit leaves nothing behind."""
+  from pathlib import Path
+
+  from boldjax import workdir as workdir_lib
+  from boldjax.convert import cli, files
+  from boldjax.tasks.vae import vae_config
+
+  spec, sd, config, *_ = fixture_run(case)
+  _, _, inputs, outputs = parity.load(case)
+  path = tmp_path / "diffusion_pytorch_model.safetensors"
+  files.write_safetensors(str(path), {f"vae.{k}": v for k, v in sd.items()})
+  conf = f"{Path(__file__).resolve().parents[1] / 'configs/vae.py'}:runlocal"
+  base = [
+    "sd_vae", str(path), f"--config={conf}", f"--config.data.cache_dir={tmp_path / 'cache'}"
+  ]  # fmt: skip
+  sizes = [
+    f"--config.model.block_out_channels=({','.join(map(str, config.block_out_channels))})",
+    f"--config.model.layers_per_block={config.layers_per_block}",
+    f"--config.model.norm_num_groups={config.norm_num_groups}",
+  ]
+  with pytest.raises(InputError, match=r"--config.model.block_out_channels="):
+    cli.main([*base, f"--workdir={tmp_path / 'bad'}"])
+  assert not (tmp_path / "bad").exists()
+  assert cli.main([*base, f"--workdir={tmp_path / 'w'}", *sizes]) == 0
+  run_ = workdir_lib.load_run(str(tmp_path / "w"))
+  got = vae_config(run_.config.model)
+  assert dataclasses.replace(got, name="fixture") == config
+  params = jax.device_get(run_.state.params)
+  actual = run(params, got, inputs["images"], inputs["latents"])
+  compare(actual, outputs, spec)

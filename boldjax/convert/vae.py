@@ -292,9 +292,11 @@ def check_sizes(sd: Mapping[str, Any], config: VAEConfig, source: str, prefix: s
            if getattr(config, f) != getattr(found, f)]  # fmt: skip
   if diffs:
     shown = "; ".join(f"{prefix}.{f}: config {w!r}, checkpoint {h!r}" for f, w, h in diffs)
+    flag = lambda v: "(" + ",".join(map(str, v)) + ")" if isinstance(v, tuple) else v  # noqa: E731
+    flags = " ".join(f"--{prefix}.{f}={flag(h)}" for f, _, h in diffs)
     raise InputError(
-      f"{source}: the VAE weights do not fit the config: {shown} (norm_num_groups is not "
-      "in the weights: check it too)"
+      f"{source}: the VAE weights do not fit the config: {shown}; set {flags} "
+      "(norm_num_groups is not in the weights: check it too)"
     )
 
 
@@ -313,7 +315,7 @@ class SdVaeConverter(Converter):
     check_sizes(sd, config, source, "config.model")
     params, notes = convert_state_dict(sd, config, source=source)
     self._names = {e.path: e.key for e in entries(config)}
-    notes.append(f"VAE {config.name!r}: {len(self._names)} tensors")
+    notes.append(f"VAE {config}: {len(self._names)} tensors")
     return Converted(params=params, notes=notes)
 
   def torch_name(self, path):

@@ -38,7 +38,7 @@ def vae_config(model_cfg: Any) -> VAEConfig:
   fields = {f.name for f in dataclasses.fields(VAEConfig)} - {"name"}
   overrides = {}
   for key, value in model_cfg.items():
-    if key in _NOT_FIELDS:
+    if key in _NOT_FIELDS or value is None:  # None: the preset's value
       continue
     if key not in fields:
       raise InputError(
@@ -53,6 +53,20 @@ def vae_config(model_cfg: Any) -> VAEConfig:
     field = "preset" if str(e).startswith("VAE preset") else str(e).split(":")[0]
     raise InputError(f"config.model.{field}: {e}") from e
   return config
+
+
+def model_config(preset_name: str = "small", dtype: str = "float32") -> Any:
+  """config.model: the preset, the compute dtype and one typed placeholder per VAEConfig
+  field (None: the preset's), so `--config.model.block_out_channels=(32,64)` parses."""
+  import ml_collections
+  from ml_collections import config_dict
+
+  c = ml_collections.ConfigDict({"name": "vae", "preset": preset_name, "dtype": dtype})
+  for f in dataclasses.fields(VAEConfig):
+    if f.name != "name":
+      kind = tuple if f.name == "block_out_channels" else type(getattr(VAEConfig(), f.name))
+      c[f.name] = config_dict.placeholder(kind)
+  return c
 
 
 def psnr(mse: jax.Array, peak_to_peak: float = 2.0) -> jax.Array:
