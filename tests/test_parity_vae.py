@@ -10,6 +10,7 @@
 4. Other configurations against live diffusers with random weights (skipped without
    diffusers, a test-extra dependency).
 5. Bad files: one line naming the key, the config field, expected and found.
+6. `python -m boldjax.convert sd_vae` writes a workdir that gives the fixture outputs.
 """
 
 from __future__ import annotations
