@@ -36,11 +36,13 @@ setup(
       # the torch-reference tests (benchmarks' PyTorch re-implementations, fixtures' pickles);
       # 2.13.0 is a CPU build served from this machine's disk
       "torch==2.13.0",
+      # the live diffusers AutoencoderKL reference (VAE variants the fixtures do not cover)
+      "diffusers==0.42.1",
       # gs:// workdirs tested offline against a local GCS emulator
       "gcsfs==2026.10.1",
       "gcp-storage-emulator==2026.7.19",
     ],
     "gcs": ["gcsfs==2026.10.1"],  # gs:// workdirs and data paths (etils.epath's backend)
-    "bench": ["torch==2.13.0"],
+    "bench": ["torch==2.13.0", "diffusers==0.42.1"],
   },
 )

@@ -46,7 +46,7 @@ from benchmarks import flops as flops_lib
 
 FAMILIES = (
   "patch_gpt", "csm_gpt", "seq_bert", "net_bert", "autoencoder", "dino", "encoding",
-  "encoding_seed",
+  "encoding_seed", "vae", "fmri2img",
 )  # fmt: skip
 CONFIGS = {
   "patch_gpt": "configs.gpt_small",
@@ -57,6 +57,8 @@ CONFIGS = {
   "dino": "configs.dino_small",
   "encoding": "configs.encoding",
   "encoding_seed": "configs.encoding",
+  "vae": "configs.vae",
+  "fmri2img": "configs.fmri2img",
 }
 ENCODING = ("encoding", "encoding_seed")
 CONFIG_ARGS = {"encoding_seed": "backbone=clip_b16"}  # get_config(arg) when none is given
@@ -137,7 +139,43 @@ def load_config(family: str, arg: str | None = None):
     for part in parents:
       node = node[part]
     node[field] = value
+  if family == "fmri2img" and not config.task.decoder_from:
+    with config.unlocked():
+      config.task.decoder_from = bench_vae_workdir()
   return config
+
+
+def bench_vae_file() -> str:
+  """A seeded random diffusers AutoencoderKL of configs/vae.py's preset, as .safetensors
+  (the weights both fmri2img sides decode with)."""
+  import torch
+
+  from benchmarks import torch_fmri2img
+  from boldjax.convert import files
+  from boldjax.tasks.vae import vae_config
+
+  root = os.path.join(os.environ.get("BOLDJAX_CACHE", os.path.expanduser("~/.cache/boldjax")),
+                      "bench")  # fmt: skip
+  os.makedirs(root, exist_ok=True)
+  path = os.path.join(root, "diffusers_vae_small_seed0.safetensors")
+  if not os.path.exists(path):
+    torch.manual_seed(0)
+    vae = torch_fmri2img.diffusers_vae(vae_config(load_config("vae").model))
+    files.write_safetensors(path, {k: v.numpy() for k, v in vae.state_dict().items()})
+  return path
+
+
+def bench_vae_workdir() -> str:
+  """bench_vae_file() through `python -m boldjax.convert sd_vae` (the decoder_from path a
+  user takes with SD-1.5's weights)."""
+  from boldjax.convert import cli
+
+  path = bench_vae_file()
+  workdir = path.replace(".safetensors", "_workdir")
+  if not os.path.exists(os.path.join(workdir, cli.MARKER)):
+    cli.main(["sd_vae", path, f"--config={CONFIGS['vae'].replace('.', '/')}.py",
+              f"--workdir={workdir}", "--overwrite"])  # fmt: skip
+  return workdir
 
 
 def build_jax(config) -> JaxSide:
@@ -331,6 +369,47 @@ def build_torch(family: str, side: JaxSide) -> TorchSide:
       return model.training_loss(local, glob, fmri)
 
     eval_loss = loss
+  elif family == "vae":
+    from benchmarks import torch_fmri2img
+    from boldjax.convert import files
+    from boldjax.convert.vae import convert_state_dict
+
+    vae = torch_fmri2img.diffusers_vae(side.task.vae_config)
+    sd = files.read_safetensors(bench_vae_file())
+    vae.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    side.state = side.state.replace(
+      params=_put_like(convert_state_dict(sd, side.task.vae_config)[0], side.state.params)
+    )
+    model = torch_fmri2img.VAETrain(vae, side.task.kl_weight)
+    images = torch_fmri2img.nchw(side.host_batch["image"])
+
+    def loss():  # a posterior sample every step, as training draws
+      return model.loss(images)
+
+    def eval_loss():
+      return model.loss(images, sample=False)
+  elif family == "fmri2img":
+    from benchmarks import torch_fmri2img
+    from boldjax.convert import files
+    from boldjax.convert.fmri2img import params_to_torch
+
+    vae = torch_fmri2img.diffusers_vae(side.task.vae_config)
+    sd = files.read_safetensors(bench_vae_file())
+    vae.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    from boldjax.models.fmri2img import reshape_grid
+
+    m = side.task.model
+    h, w, c = reshape_grid(m.hidden[-1], m.latent_hw)
+    encoder = torch_fmri2img.FmriEncoder(m.input_dim, tuple(m.hidden), (c, h, w),
+                                         m.latent_channels)  # fmt: skip
+    encoder.load_state_dict({k: torch.from_numpy(v) for k, v in params_to_torch(params).items()})
+    model = torch_fmri2img.Fmri2Image(encoder, vae)
+    fmri, images = b["fmri"].float(), torch_fmri2img.nchw(side.host_batch["image"])
+
+    def loss():
+      return model.loss(fmri, images)
+
+    eval_loss = loss
   elif family == "dino":
     from benchmarks import torch_semantoks
 
@@ -352,6 +431,12 @@ def build_torch(family: str, side: JaxSide) -> TorchSide:
   return TorchSide(
     model, loss, eval_loss, _torch_step(model, loss, opt, sched, cfg.optim.clip_norm, after)
   )
+
+
+def _put_like(tree: Any, like: Any) -> Any:
+  """numpy `tree` onto the devices, dtypes and shardings of `like`'s arrays."""
+  return jax.tree.map(lambda v, ref: jax.device_put(np.asarray(v, ref.dtype), ref.sharding),
+                      tree, like)  # fmt: skip
 
 
 def bert_parity_mask(side: JaxSide) -> jax.Array:
@@ -664,6 +749,8 @@ def shapes_and_flops(family: str, side: JaxSide) -> tuple[dict, flops_lib.FlopCo
     L = 1 + len(enc.network_rois) * enc.num_patches
     shapes = dict(batch=B, tokens_per_row=2 * L, width=enc.embed_dim, depth=enc.depth)
     return shapes, flops_lib.dino(enc, task.head, B)
+  if family in ("vae", "fmri2img"):
+    return conv_shapes_and_flops(family, side)
   model = task.model
   if family == "patch_gpt":
     B, N = host["patches"].shape[:2]
@@ -678,6 +765,36 @@ def shapes_and_flops(family: str, side: JaxSide) -> tuple[dict, flops_lib.FlopCo
   if family == "autoencoder":
     return shapes, flops_lib.lstm_autoencoder(model, B, S)
   return shapes, flops_lib.csm_gpt(model, B, S)
+
+
+def xla_flops(fn: Callable, *args: Any) -> float:
+  """XLA's FLOP count of fn(*args) compiled (the convolutions included)."""
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+def conv_shapes_and_flops(family: str, side: JaxSide) -> tuple[dict, flops_lib.FlopCount]:
+  """The VAE families: tokens per row = image pixels; FLOPs from XLA's count of the
+  forward. fmri2img: encoder forward x3 (weights and input gradients) + frozen decoder x2
+  (forward and input gradient, no weight gradient)."""
+  from boldjax.models import vae as vae_lib
+
+  task, host = side.task, side.host_batch
+  cfg = task.vae_config
+  B, H, W, _ = host["image"].shape
+  shapes = dict(batch=B, tokens_per_row=H * W, width=max(cfg.block_out_channels),
+                depth=len(cfg.block_out_channels))  # fmt: skip
+  # Shapes only: the timed steps have donated side.state's buffers.
+  spec = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
+  params = spec(nn.unbox(side.state.params))
+  apply = lambda p, x: task.model.apply({"params": p}, x)  # noqa: E731
+  if family == "vae":
+    return shapes, flops_lib.FlopCount(xla_flops(apply, params, host["image"]), 0.0)
+  enc = xla_flops(apply, params, host["fmri"])
+  latent = jax.eval_shape(apply, params, host["fmri"])["latent"]
+  dec = xla_flops(lambda p, z: vae_lib.decode(p, z, cfg), spec(side.state.extra["vae"]), latent)
+  return shapes, flops_lib.FlopCount(enc, 0.0, no_grad=2.0 * dec)
 
 
 def machine() -> dict:

@@ -900,3 +900,58 @@ def test_bench_pass_runs_and_reports(small_clip_pass):
   assert r["images_per_s_boldjax"] == pytest.approx(2 / r["step_s_boldjax"])
   config = run.build_pass(small_clip_pass).config
   assert r["train_step_gflop"] == run.vit_flops(config, 2).forward / 1e9
+
+
+# ------------------------------------------------------------------ fmri2img / vae sides
+
+
+def test_torch_fmri2img_and_vae_match_boldjax_on_the_same_weights():
+  """benchmarks/torch_fmri2img: diffusers' AutoencoderKL (converted into boldjax) and the
+  seed's encoder (boldjax params -> torch) give boldjax's losses on the same batch."""
+  pytest.importorskip("diffusers")
+  torch = parity.torch()
+  from benchmarks import torch_fmri2img
+  from boldjax.convert.fmri2img import params_to_torch as fmri_to_torch
+  from boldjax.convert.vae import convert_state_dict
+  from boldjax.models import vae as vae_lib
+  from boldjax.models.fmri2img import FmriEncoder
+  from boldjax.models.vae import VAEConfig
+
+  cfg = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+  torch.manual_seed(0)
+  tvae = torch_fmri2img.diffusers_vae(cfg)
+  with torch.no_grad():  # away from the zero-init biases
+    for p in tvae.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  sd = {k: v.detach().numpy() for k, v in tvae.state_dict().items()}
+  vparams, _ = convert_state_dict(sd, cfg)
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  fmri = rng.normal(size=(2, 12)).astype(np.float32)
+
+  # VAE objective at the posterior mean (the deterministic path both sides share).
+  kl_weight = 0.1
+  with jax.default_matmul_precision("highest"):
+    mean, logvar = vae_lib.encode(vparams, images, cfg)
+    recon = vae_lib.decode(vparams, mean, cfg)
+    kl = vae_lib.kl_divergence(mean, logvar)
+  want = float(jnp.mean(jnp.square(recon - images)) + kl_weight / images[0].size * jnp.mean(kl))
+  with torch.no_grad():
+    got = float(torch_fmri2img.VAETrain(tvae, kl_weight).loss(torch_fmri2img.nchw(images), False))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+  # fmri2img: encoder (8 x 8 x 4 latent from a 4 x 4 x 8 grid) + the frozen decoder.
+  enc = FmriEncoder(input_dim=12, hidden=(32, 128), latent_hw=(8, 8), latent_channels=4)
+  eparams = enc.init(jax.random.key(1), fmri)["params"]
+  with jax.default_matmul_precision("highest"):
+    latent = enc.apply({"params": eparams}, fmri)["latent"]
+    want = float(jnp.mean(jnp.square(vae_lib.decode(vparams, latent, cfg) - images)))
+  tenc = torch_fmri2img.FmriEncoder(12, (32, 128), (8, 4, 4), 4)
+  tenc.load_state_dict(
+    {k: torch.from_numpy(np.asarray(v)) for k, v in fmri_to_torch(eparams).items()}
+  )
+  model = torch_fmri2img.Fmri2Image(tenc, tvae)
+  assert not any(p.requires_grad for p in model.vae.parameters())
+  with torch.no_grad():
+    got = float(model.loss(torch.from_numpy(fmri), torch_fmri2img.nchw(images)))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
