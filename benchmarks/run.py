@@ -61,7 +61,8 @@ CONFIGS = {
   "fmri2img": "configs.fmri2img",
 }
 ENCODING = ("encoding", "encoding_seed")
-CONFIG_ARGS = {"encoding_seed": "backbone=clip_b16"}  # get_config(arg) when none is given
+# get_config(arg) when none is given; fmri2img: the seed's pixel loss through the decoder
+CONFIG_ARGS = {"encoding_seed": "backbone=clip_b16", "fmri2img": "objective=pixel"}
 # Config changes that keep shapes but make both sides do the same work every step: the
 # DINO student masks on every batch (boldjax computes the masked path on every batch anyway,
 # static shapes; the original skips the mask loss on the unmasked half).
