@@ -122,6 +122,22 @@ def check_all(actual: dict[str, Any], outputs: dict[str, Any], spec: dict) -> di
   return ratios
 
 
+def compare_outputs(case: str, spec: dict, actual: dict, outputs: dict) -> None:
+  """Every fixture output against boldjax's, all failures listed (NaN/Inf failing); prints
+  the worst err/tol."""
+  missing = sorted(set(outputs) - set(actual))
+  assert not missing, f"{case}: no boldjax value for fixture outputs {missing}"
+  failures, ratios = [], {}
+  for k in outputs:
+    try:
+      ratios[k] = check(f"{case}/{k}", actual[k], outputs[k], tolerance(spec, k))
+    except AssertionError as e:
+      failures.append(str(e)[:400])
+  assert not failures, "\n".join(failures)
+  worst = max(ratios, key=ratios.get)
+  print(f"{case}: {len(ratios)} outputs, worst err/tol {ratios[worst]:.3g} ({worst})")
+
+
 def torch():
   """The torch module for the torch-reference tests; missing torch fails where required."""
   try:

@@ -75,19 +75,7 @@ def computed(case: str):
   return spec, actual, outputs
 
 
-def compare(case: str, spec: dict, actual: dict, outputs: dict) -> None:
-  """Every fixture output against boldjax's (NaN/Inf failing); prints the worst err/tol."""
-  missing = sorted(set(outputs) - set(actual))
-  assert not missing, f"{case}: no boldjax value for fixture outputs {missing}"
-  failures, ratios = [], {}
-  for k in outputs:
-    try:
-      ratios[k] = parity.check(f"{case}/{k}", actual[k], outputs[k], parity.tolerance(spec, k))
-    except AssertionError as e:
-      failures.append(str(e)[:400])
-  assert not failures, "\n".join(failures)
-  worst = max(ratios, key=ratios.get)
-  print(f"{case}: {len(ratios)} outputs, worst err/tol {ratios[worst]:.3g} ({worst})")
+compare = parity.compare_outputs
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -21,13 +21,12 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
 from boldjax import registry
 from boldjax.cli import InputError
 from boldjax.convert.converter import Converted, Converter
-from boldjax.convert.tree import set_path
+from boldjax.convert.tree import check_filled, set_path
 from boldjax.models.vae import VAEConfig, abstract_params
 
 Params = Any
@@ -242,24 +241,8 @@ def convert_state_dict(
     notes.append(f"read {old} attention tensors under the old names query/key/value/proj_attn")
   if cast:
     notes.append(f"cast {', '.join(sorted(cast))} weights to float32")
-  _check_filled(params, config, source)
+  check_filled(params, abstract_params(config), source, f"VAE config {config.name!r}")
   return params, notes
-
-
-def _check_filled(params: Params, config: VAEConfig, source: str) -> None:
-  """Every param of AutoencoderKL(config) filled, with jax.eval_shape's shape; nothing else."""
-  leaves = lambda t: jax.tree_util.tree_flatten_with_path(t)[0]  # noqa: E731
-  want = {jax.tree_util.keystr(p): a.shape for p, a in leaves(abstract_params(config))}
-  have = {jax.tree_util.keystr(p): a.shape for p, a in leaves(params)}
-  missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-  if missing or extra:
-    raise InputError(
-      f"{source}: params left unfilled {missing[:6]} / not in the model {extra[:6]} for "
-      f"VAE config {config.name!r}"
-    )
-  for k, shape in want.items():
-    if tuple(have[k]) != tuple(shape):
-      raise InputError(f"{source}: param {k}: shape expected {tuple(shape)}, found {have[k]}")
 
 
 def config_from_state_dict(sd: Mapping[str, Any], base: VAEConfig) -> VAEConfig:

@@ -29,14 +29,13 @@ import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
 from boldjax import registry
 from boldjax.cli import InputError
 from boldjax.convert.converter import Converted, Converter
 from boldjax.convert.files import load_state_dict, write_safetensors
-from boldjax.convert.tree import set_path
+from boldjax.convert.tree import check_filled, set_path
 from boldjax.models.vit import ViTConfig, abstract_params
 
 Params = Any
@@ -301,27 +300,8 @@ def convert_state_dict(
     raise _unused_error(source, family, sorted(sd), config)
   if cast:
     notes.append(f"cast {', '.join(sorted(cast))} weights to float32")
-  _check_filled(params, config, source)
+  check_filled(params, abstract_params(config), source, f"config {config.name!r}")
   return params, notes
-
-
-def _check_filled(params: Params, config: ViTConfig, source: str) -> None:
-  """Every param of ViT(config) filled, with jax.eval_shape's shape; nothing else."""
-  want = {jax.tree_util.keystr(p): a.shape for p, a in _leaves(abstract_params(config))}
-  have = {jax.tree_util.keystr(p): a.shape for p, a in _leaves(params)}
-  missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-  if missing or extra:
-    raise InputError(
-      f"{source}: params left unfilled {missing[:6]} / not in the model {extra[:6]} for "
-      f"config {config.name!r}"
-    )
-  for k, shape in want.items():
-    if tuple(have[k]) != tuple(shape):
-      raise InputError(f"{source}: param {k}: shape expected {tuple(shape)}, found {have[k]}")
-
-
-def _leaves(tree: Any) -> list:
-  return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
 def load_backbone(
