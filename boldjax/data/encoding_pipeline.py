@@ -19,9 +19,9 @@ import numpy as np
 
 from boldjax import registry
 from boldjax.cli import InputError
-from boldjax.data import backbones, synthetic_encoding, token_cache, transforms
+from boldjax.data import backbones, synthetic_encoding, token_cache
 from boldjax.data.paths import cache_dir, readable_dataset, setting
-from boldjax.data.pipeline import eval_shard_indices, to_iter_dataset
+from boldjax.data.pipeline import keyed_batches
 
 TRAIN_KEYS = ("local", "global", "fmri")
 EVAL_KEYS = TRAIN_KEYS + ("image_id", "valid")
@@ -259,20 +259,13 @@ def make_dataset(
   """Host-local batches (see the module docstring); train: shuffled, repeated, sliced per
   process, drop_remainder; eval: one padded pass in record order."""
   source = joined_split(info, split)
-  n = len(source)
-  if n == 0:
+  if len(source) == 0:
     raise ValueError(f"{info.path}: split {split!r} is empty")
-  if train:
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    ds = ds.map(transforms.SelectKeys(TRAIN_KEYS))[shard_index::shard_count]
-  else:
-    dtype = token_cache.value_dtype(source.tokens.dtype)
-    idx = eval_shard_indices(n, batch_size, shard_index, shard_count)
-    pad = _pad_example(info, dtype)
-    ds = grain.MapDataset.source(transforms.IndexedSource(source, idx, pad))
-    ds = ds.map(transforms.SelectKeys(EVAL_KEYS))
-  ds = ds.batch(batch_size, drop_remainder=train)
-  return to_iter_dataset(ds, data_cfg)
+  pad = None if train else _pad_example(info, token_cache.value_dtype(source.tokens.dtype))
+  return keyed_batches(
+    source, pad, TRAIN_KEYS if train else EVAL_KEYS, data_cfg, train=train, seed=seed,
+    batch_size=batch_size, shard_index=shard_index, shard_count=shard_count,
+  )  # fmt: skip
 
 
 @registry.register("pipeline", "synthetic_encoding")

@@ -25,9 +25,9 @@ import numpy as np
 
 from boldjax import registry
 from boldjax.cli import InputError
-from boldjax.data import image_records, synthetic_fmri2img, transforms, trial_records
+from boldjax.data import image_records, synthetic_fmri2img, trial_records
 from boldjax.data.paths import cache_dir, readable_dataset, setting
-from boldjax.data.pipeline import eval_shard_indices, to_iter_dataset
+from boldjax.data.pipeline import keyed_batches
 
 KEYS = ("fmri", "image", "image_id", "valid")
 IMAGE_KEYS = ("image", "image_id", "valid")
@@ -237,36 +237,6 @@ def _pad(num_voxels: int, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
   }
 
 
-def _batches(
-  source: Any,
-  pad: dict[str, np.ndarray],
-  keys: tuple[str, ...],
-  data_cfg: Any,
-  *,
-  train: bool,
-  seed: int,
-  batch_size: int,
-  shard_index: int,
-  shard_count: int,
-  flip: bool = False,
-) -> grain.IterDataset:
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(
-      f"make_dataset: need 0 <= shard_index < shard_count, found {shard_index}, {shard_count}"
-    )
-  if train:
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    if flip:
-      ds = ds.random_map(RandomFlip(), seed=(seed + 1) % 2**32)
-    ds = ds.map(transforms.SelectKeys(keys))[shard_index::shard_count]
-  else:
-    idx = eval_shard_indices(len(source), batch_size, shard_index, shard_count)
-    ds = grain.MapDataset.source(transforms.IndexedSource(source, idx, pad))
-    ds = ds.map(transforms.SelectKeys(keys))
-  ds = ds.batch(batch_size, drop_remainder=train)
-  return to_iter_dataset(ds, data_cfg)
-
-
 def make_dataset(
   data_cfg: Any,
   info: Fmri2ImgInfo,
@@ -284,7 +254,7 @@ def make_dataset(
   if len(source) == 0:
     raise ValueError(f"{info.path}: split {split!r} is empty")
   size = (info.image_size, info.image_size)
-  return _batches(
+  return keyed_batches(
     source, _pad(info.num_voxels, size), KEYS, data_cfg, train=train, seed=seed,
     batch_size=batch_size, shard_index=shard_index, shard_count=shard_count,
   )  # fmt: skip
@@ -386,9 +356,9 @@ def make_image_dataset(
   size = (info.image_size, info.image_size)
   pad = {"image": np.zeros((*size, 3), np.float32), "image_id": np.int64(-1)}
   flip = train and str(setting(data_cfg, "augment", "none")) == "flip"
-  return _batches(
+  return keyed_batches(
     source, pad, IMAGE_KEYS, data_cfg, train=train, seed=seed, batch_size=batch_size,
-    shard_index=shard_index, shard_count=shard_count, flip=flip,
+    shard_index=shard_index, shard_count=shard_count, train_map=RandomFlip() if flip else None,
   )  # fmt: skip
 
 

@@ -365,3 +365,36 @@ class FlatMapPipeline:
 
   prepare = staticmethod(prepare)
   make_dataset = staticmethod(make_dataset)
+
+
+def keyed_batches(
+  source: Any,
+  pad: dict[str, np.ndarray] | None,
+  keys: tuple[str, ...],
+  data_cfg: Any,
+  *,
+  train: bool,
+  seed: int,
+  batch_size: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  train_map: Any = None,
+) -> grain.IterDataset:
+  """Batches of `keys` from a random-access source of examples: train shuffled, repeated,
+  (train_map, a grain RandomMap, applied,) sliced per process, drop_remainder; eval one pass
+  in record order, this process's share padded with `pad` (valid False) to full batches."""
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(
+      f"make_dataset: need 0 <= shard_index < shard_count, found {shard_index}, {shard_count}"
+    )
+  if train:
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    if train_map is not None:
+      ds = ds.random_map(train_map, seed=(seed + 1) % 2**32)
+    ds = ds.map(transforms.SelectKeys(keys))[shard_index::shard_count]
+  else:
+    idx = eval_shard_indices(len(source), batch_size, shard_index, shard_count)
+    ds = grain.MapDataset.source(transforms.IndexedSource(source, idx, pad))
+    ds = ds.map(transforms.SelectKeys(keys))
+  ds = ds.batch(batch_size, drop_remainder=train)
+  return to_iter_dataset(ds, data_cfg)
